@@ -1,0 +1,259 @@
+"""The model artifact: one self-contained directory, nothing in it executable.
+
+::
+
+    model-dir/
+      weights.safetensors   tensors only (safetensors: no pickle, nothing runs on load)
+      config.json           model config, input spec, training config, data provenance, versions
+      calibration.json      score kind, target FPR, threshold, the calibration scores (p-values)
+      metrics.json          training history and validation figures
+      manifest.json         format version, model version id, SHA-256 and size of every file
+
+``save`` writes everything into a temporary sibling directory and renames it into place, so a
+crash never leaves half an artifact (cf. alibi-detect ``saving/saving.py``). ``load`` checks the
+manifest first and refuses a modified, truncated or incomplete artifact, naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from detector._io import write_json
+from detector.errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactNotFoundError,
+)
+from detector.model import VAE, VAEConfig
+from detector.spec import InputSpec
+from detector.threshold import Calibration
+
+FORMAT = "vae-anomaly-artifact"
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+CALIBRATION = "calibration.json"
+METRICS = "metrics.json"
+MANIFEST = "manifest.json"
+REQUIRED_FILES: tuple[str, ...] = (WEIGHTS, CONFIG, CALIBRATION, METRICS)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded, verified artifact."""
+
+    path: Path
+    model: VAE
+    calibration: Calibration
+    input_spec: InputSpec
+    config: dict[str, Any]  # the whole config.json
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    try:
+        ours = metadata.version("vae-anomaly")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {
+        "vae_anomaly": ours,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: VAE,
+    calibration: Calibration,
+    input_spec: InputSpec,
+    *,
+    training: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the artifact directory atomically; returns its path."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; pass overwrite=True (--overwrite) to replace")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS)
+        write_json(
+            tmp / CONFIG,
+            {
+                "model": model.config.to_dict(),
+                "input": input_spec.to_dict(),
+                "training": training or {},
+                "data": data or {},
+                "versions": package_versions(),
+            },
+        )
+        write_json(tmp / CALIBRATION, calibration.to_dict())
+        write_json(tmp / METRICS, metrics or {})
+        files = {name: _file_entry(tmp / name) for name in REQUIRED_FILES}
+        digest = hashlib.sha256(
+            "".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)).encode()
+        ).hexdigest()
+        write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "model_version": f"vae-{digest[:12]}",
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "files": files,
+            },
+        )
+        _replace_dir(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Artifact:
+    """Verify and load an artifact directory; raises an ArtifactError naming what is wrong."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactNotFoundError(f"model artifact {root} does not exist or is not a directory")
+    manifest = _read_json(root, MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise ArtifactIntegrityError(f"{root / MANIFEST} is not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactIntegrityError(
+            f"{root / MANIFEST}: format version {manifest.get('format_version')!r} is not "
+            f"supported (this version reads {FORMAT_VERSION})"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactIntegrityError(f"{root / MANIFEST} has no 'files' table")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise ArtifactIntegrityError(f"{root / MANIFEST} does not list required file {name}")
+    for name, entry in files.items():
+        _verify_file(root, name, entry)
+
+    config = _read_json(root, CONFIG)
+    try:
+        model_config = VAEConfig.from_dict(config["model"])
+        input_spec = InputSpec.from_dict(config["input"])
+        calibration = Calibration.from_dict(_read_json(root, CALIBRATION))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{root}: config.json or calibration.json is invalid: {e}") from e
+    metrics = _read_json(root, METRICS)
+
+    model = VAE(model_config)
+    try:
+        state = load_file(str(root / WEIGHTS), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactIntegrityError(f"{root / WEIGHTS} cannot be loaded: {first}") from e
+    model.to(device).eval()
+    return Artifact(
+        path=root,
+        model=model,
+        calibration=calibration,
+        input_spec=input_spec,
+        config=config,
+        metrics=metrics,
+        manifest=manifest,
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _verify_file(root: Path, name: str, entry: Any) -> None:
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        raise ArtifactIntegrityError(f"{root / MANIFEST}: bad entry for {name}")
+    if Path(name).name != name:  # the manifest names files inside the directory only
+        raise ArtifactIntegrityError(f"{root / MANIFEST}: file name {name!r} is not allowed")
+    p = root / name
+    if not p.is_file():
+        raise ArtifactNotFoundError(f"artifact file {p} is missing (listed in {MANIFEST})")
+    size = p.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        raise ArtifactIntegrityError(
+            f"artifact file {p} is {size} bytes, manifest says {entry['bytes']} "
+            "(truncated or modified)"
+        )
+    if sha256_file(p) != entry["sha256"]:
+        raise ArtifactIntegrityError(
+            f"artifact file {p} does not match its SHA-256 in {MANIFEST} (modified or corrupt)"
+        )
+
+
+def _read_json(root: Path, name: str) -> dict[str, Any]:
+    p = root / name
+    if not p.is_file():
+        raise ArtifactNotFoundError(f"artifact file {p} is missing")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactIntegrityError(f"artifact file {p} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ArtifactIntegrityError(f"artifact file {p} must hold a JSON object")
+    return obj
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise ArtifactError(f"{target} already exists; pass overwrite=True (--overwrite) to replace")
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["Artifact", "load", "package_versions", "save", "sha256_file"]
+

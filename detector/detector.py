@@ -1,0 +1,236 @@
+"""The ``Detector`` facade: ``Detector.load(path).score(x)``.
+
+Score direction, stated once and repeated in every Returns section: **higher score = more
+anomalous**. ``is_anomaly`` is ``score > threshold``; ``p_value`` is small for anomalies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from detector import artifact as _artifact
+from detector.errors import ConfigError, NotCalibratedError
+from detector.model import VAE
+from detector.score import SCORE_DEFINITION, ScoreParts, score_batch
+from detector.spec import InputSpec, validate_samples
+from detector.threshold import Calibration
+
+DEFAULT_BATCH_SIZE = 512
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} was asked for, but no CUDA GPU is available "
+            "(torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """Per-sample results, each an array of length N.
+
+    ``score``: -ELBO in nats, higher = more anomalous; ``reconstruction`` + ``kl`` = ``score``
+    (ELBO kind). ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
+    """
+
+    score: npt.NDArray[np.float64]
+    reconstruction: npt.NDArray[np.float64]
+    kl: npt.NDArray[np.float64]
+    p_value: npt.NDArray[np.float64]
+    is_anomaly: npt.NDArray[np.bool_]
+    threshold: float
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    def columns(self) -> dict[str, npt.NDArray[Any]]:
+        return {
+            "score": self.score,
+            "reconstruction": self.reconstruction,
+            "kl": self.kl,
+            "p_value": self.p_value,
+            "is_anomaly": self.is_anomaly,
+        }
+
+
+class Detector:
+    """A trained VAE plus its calibration: scores, p-values and anomaly flags.
+
+    Build one from an artifact with :meth:`load`, or from a freshly trained model with
+    ``Detector(model, calibration, input_spec)``.
+    """
+
+    def __init__(
+        self,
+        model: VAE,
+        calibration: Calibration | None,
+        input_spec: InputSpec,
+        *,
+        model_version: str = "unsaved",
+        metadata: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.calibration = calibration
+        self.input_spec = input_spec
+        self.model_version = model_version
+        self.metadata = metadata or {}
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Detector:
+        """Verify (checksums) and load an artifact directory."""
+        dev = resolve_device(device)
+        art = _artifact.load(path, device=dev)
+        return cls(
+            art.model,
+            art.calibration,
+            art.input_spec,
+            model_version=art.model_version,
+            metadata={
+                "path": str(art.path),
+                "config": art.config,
+                "metrics": art.metrics,
+                "manifest": art.manifest,
+            },
+            device=dev,
+            batch_size=batch_size,
+        )
+
+    @property
+    def path(self) -> Path | None:
+        p = self.metadata.get("path")
+        return Path(p) if p else None
+
+    @property
+    def threshold(self) -> float:
+        return self._calibration().threshold
+
+    @property
+    def score_definition(self) -> str:
+        return SCORE_DEFINITION
+
+    def _calibration(self) -> Calibration:
+        if self.calibration is None:
+            raise NotCalibratedError(
+                "this detector has no threshold yet; calibrate it on held-out normal data first"
+            )
+        return self.calibration
+
+    def with_target_fpr(self, target_fpr: float) -> Detector:
+        """A detector sharing this model, thresholded for another target FPR."""
+        return Detector(
+            self.model,
+            self._calibration().with_fpr(target_fpr),
+            self.input_spec,
+            model_version=self.model_version,
+            metadata=self.metadata,
+            device=self.device,
+            batch_size=self.batch_size,
+        )
+
+    # -- scoring ----------------------------------------------------------------------------
+    def score_parts(
+        self, x: Any, *, kind: str | None = None, samples: int | None = None
+    ) -> dict[str, npt.NDArray[np.float64]]:
+        """Validate ``x`` and return score, reconstruction, kl. Higher score = more anomalous.
+
+        Needs no calibration. The score kind (elbo / iwae) and its sample count default to the
+        calibration's, else the ELBO.
+        """
+        arr = validate_samples(x, self.input_spec)
+        cal = self.calibration
+        kind = kind or (cal.score_kind if cal else "elbo")
+        samples = samples or (cal.score_samples if cal else 1)
+        return self._score_array(arr, kind, samples)
+
+    def score(self, x: Any) -> DetectionResult:
+        """Validate ``x`` ((N, features) or (N, *shape)) and score it.
+
+        Returns:
+            DetectionResult: score (higher = more anomalous), reconstruction, kl, p_value (small =
+            anomalous), is_anomaly (score > threshold), and the threshold used.
+        """
+        cal = self._calibration()
+        parts = self.score_parts(x)
+        return DetectionResult(
+            score=parts["score"],
+            reconstruction=parts["reconstruction"],
+            kl=parts["kl"],
+            p_value=cal.p_values(parts["score"]),
+            is_anomaly=cal.flags(parts["score"]),
+            threshold=cal.threshold,
+        )
+
+    def predict(self, x: Any) -> npt.NDArray[np.bool_]:
+        """True for anomalies (score > threshold)."""
+        return self.score(x).is_anomaly
+
+    @torch.no_grad()
+    def reconstruct(self, x: Any) -> npt.NDArray[np.float32]:
+        """Expected reconstruction at the posterior mean, shaped like the validated input."""
+        arr = validate_samples(x, self.input_spec)
+        outs = []
+        for start in range(0, arr.shape[0], self.batch_size):
+            xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+            params, _, _ = self.model(xb)
+            outs.append(self.model.mean_prediction(params).float().cpu().numpy())
+        return np.concatenate(outs).reshape(arr.shape)
+
+    @torch.no_grad()
+    def _score_array(
+        self, arr: npt.NDArray[np.float32], kind: str, samples: int
+    ) -> dict[str, npt.NDArray[np.float64]]:
+        chunks: list[ScoreParts] = []
+        for start in range(0, arr.shape[0], self.batch_size):
+            xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+            chunks.append(score_batch(self.model, xb, kind, samples))
+        return {
+            name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
+            for name in ("score", "reconstruction", "kl")
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata for ``info`` and serving: version, input spec, threshold, provenance."""
+        cal = self.calibration
+        cfg = self.metadata.get("config", {})
+        return {
+            "model_version": self.model_version,
+            "score_definition": SCORE_DEFINITION,
+            "input": self.input_spec.to_dict(),
+            "model": self.model.config.to_dict(),
+            "threshold": cal.threshold if cal else None,
+            "target_fpr": cal.target_fpr if cal else None,
+            "score_kind": cal.score_kind if cal else None,
+            "n_calibration": cal.n if cal else 0,
+            "training": cfg.get("training", {}),
+            "data": cfg.get("data", {}),
+            "versions": cfg.get("versions", {}),
+            "created_at": self.metadata.get("manifest", {}).get("created_at"),
+        }

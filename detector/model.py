@@ -1,0 +1,238 @@
+"""The Variational Autoencoder, built from a config dataclass.
+
+A VAE (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014) learns an encoder
+q(z|x) = N(mu(x), diag(sigma(x)^2)) and a decoder p(x|z) with a standard normal prior p(z). Trained
+on normal data only, it gives low negative ELBO to inputs like its training data and high negative
+ELBO to anything else; `detector.score` turns that into an anomaly score.
+
+Two bodies share one interface:
+
+- ``"mlp"``: flatten -> Linear/SiLU stack -> (mu, logvar); the mirror image decodes.
+- ``"conv"``: stride-2 4x4 convolutions halve H and W per width, then one Linear to
+  (mu, logvar); transposed convolutions decode. H and W must divide by 2**len(widths).
+
+Two likelihoods:
+
+- ``"bernoulli"``: data in [0, 1] (pixel intensities); the decoder gives logits and
+  -log p(x|z) is the binary cross-entropy summed over features.
+- ``"gaussian"``: real-valued data; the decoder gives the mean, sigma is fixed (``sigma``) or one
+  learned value per feature (``sigma=None``). Inputs are standardised with the training data's
+  mean and scale (buffers saved with the weights), and the log-Jacobian of that map is added back,
+  so -log p(x|z) is in nats of the raw features.
+
+The config travels with the weights in the artifact (cf. nanoGPT's ``GPTConfig`` / ``model_args``),
+so ``VAE(VAEConfig(**saved))`` rebuilds the exact network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detector.errors import ConfigError
+
+Architecture = Literal["mlp", "conv"]
+Likelihood = Literal["bernoulli", "gaussian"]
+
+ARCHITECTURES: tuple[str, ...] = ("mlp", "conv")
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": (512, 256), "conv": (32, 64)}
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything needed to rebuild a VAE. Saved as JSON in the artifact's ``config.json``."""
+
+    input_shape: tuple[int, ...]
+    architecture: Architecture = "conv"
+    latent_dim: int = 16
+    widths: tuple[int, ...] = field(default=())  # () -> DEFAULT_WIDTHS[architecture]
+    likelihood: Likelihood = "bernoulli"
+    sigma: float | None = 0.1  # gaussian only; None -> one learned sigma per feature
+    beta: float = 1.0  # weight of the KL term in the training loss (the score always uses 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if not self.widths:
+            if self.architecture not in DEFAULT_WIDTHS:
+                raise ConfigError(
+                    f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}"
+                )
+            object.__setattr__(self, "widths", DEFAULT_WIDTHS[self.architecture])
+        self.validate()
+
+    def validate(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}"
+            )
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(
+                f"unknown likelihood {self.likelihood!r}; choose one of {LIKELIHOODS}"
+            )
+        if not self.input_shape or any(d < 1 for d in self.input_shape):
+            raise ConfigError(f"input_shape must be positive sizes, got {self.input_shape}")
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if any(w < 1 for w in self.widths):
+            raise ConfigError(f"widths must be positive, got {self.widths}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.sigma is not None and self.sigma <= 0:
+            raise ConfigError(f"sigma must be > 0 (or None to learn it), got {self.sigma}")
+        if self.architecture == "conv":
+            if len(self.input_shape) != 3:
+                raise ConfigError(
+                    "the conv architecture needs inputs shaped (channels, height, width), got "
+                    f"{self.input_shape}; use --arch mlp for flat feature vectors"
+                )
+            factor = 2 ** len(self.widths)
+            _, h, w = self.input_shape
+            if h % factor or w % factor:
+                raise ConfigError(
+                    f"the conv architecture with {len(self.widths)} widths needs height and width "
+                    f"divisible by {factor}, got {h}x{w}"
+                )
+
+    @property
+    def n_features(self) -> int:
+        return math.prod(self.input_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**{**d, "input_shape": tuple(d["input_shape"]), "widths": tuple(d["widths"])})
+
+
+class VAE(nn.Module):
+    """A VAE whose parts (encode, decode, nll, kl) are used by training and by the score."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        shape = config.input_shape
+        # Standardisation of inputs (identity unless set from data by `set_standardization`).
+        self.register_buffer("feature_mean", torch.zeros(shape))
+        self.register_buffer("feature_scale", torch.ones(shape))
+        if config.architecture == "mlp":
+            self.encoder, self.decoder = _mlp(config)
+        else:
+            self.encoder, self.decoder = _conv(config)
+        if config.likelihood == "gaussian" and config.sigma is None:
+            self.log_sigma = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_parameter("log_sigma", None)
+
+    # -- preprocessing ----------------------------------------------------------------------
+    @torch.no_grad()
+    def set_standardization(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Standardise inputs as (x - mean) / scale (Gaussian likelihood only)."""
+        if self.config.likelihood != "gaussian":
+            raise ConfigError("standardisation is only used with the gaussian likelihood")
+        self.feature_mean.copy_(mean.reshape(self.config.input_shape))
+        self.feature_scale.copy_(scale.reshape(self.config.input_shape).clamp_min(1e-6))
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.config.input_shape)  # (B, *input_shape)
+        if self.config.likelihood == "gaussian":
+            x = (x - self.feature_mean) / self.feature_scale
+        return x
+
+    # -- the two halves ---------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, *input_shape) -> mu, logvar, each (B, latent)."""
+        h = self.encoder(self._prepare(x))  # (B, 2 * latent)
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent) -> likelihood parameters (B, *input_shape): logits or Gaussian mean."""
+        return self.decoder(z).reshape(z.shape[0], *self.config.input_shape)
+
+    # -- log densities, per sample ----------------------------------------------------------
+    def nll(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """-log p(x | z) in nats, summed over features: (B,)."""
+        x = self._prepare(x)
+        if self.config.likelihood == "bernoulli":
+            nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
+            return nll.flatten(1).sum(-1)
+        log_sigma = self._log_sigma(params)
+        sq = ((x - params) * torch.exp(-log_sigma)) ** 2
+        nll = 0.5 * sq + log_sigma + 0.5 * _LOG_2PI
+        # Jacobian of the standardisation, so the density is that of the raw features.
+        return nll.flatten(1).sum(-1) + torch.log(self.feature_scale).sum()
+
+    def _log_sigma(self, like: torch.Tensor) -> torch.Tensor:
+        if self.log_sigma is not None:
+            return self.log_sigma.clamp(-7.0, 5.0)
+        assert self.config.sigma is not None  # guaranteed by the config: fixed sigma
+        return torch.full_like(like, math.log(self.config.sigma))
+
+    @staticmethod
+    def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) in nats, analytic: (B,)."""
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+    def mean_prediction(self, params: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters -> expected reconstruction in the input's own units."""
+        if self.config.likelihood == "bernoulli":
+            return torch.sigmoid(params)
+        return params * self.feature_scale + self.feature_mean
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruct at the posterior mean: returns (params, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        return self.decode(mu), mu, logvar
+
+
+def _mlp(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
+    dims = [config.n_features, *config.widths]
+    enc: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        enc += [nn.Linear(a, b), nn.SiLU()]
+    enc.append(nn.Linear(dims[-1], 2 * config.latent_dim))
+    rev = [config.latent_dim, *reversed(config.widths)]
+    dec: list[nn.Module] = []
+    for a, b in zip(rev[:-1], rev[1:], strict=True):
+        dec += [nn.Linear(a, b), nn.SiLU()]
+    dec.append(nn.Linear(rev[-1], config.n_features))
+    return nn.Sequential(*enc), nn.Sequential(*dec)
+
+
+def _conv(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
+    c, h, w = config.input_shape
+    factor = 2 ** len(config.widths)
+    hb, wb = h // factor, w // factor  # spatial size at the bottleneck
+    chans = [c, *config.widths]
+    enc: list[nn.Module] = []
+    for a, b in zip(chans[:-1], chans[1:], strict=True):
+        enc += [nn.Conv2d(a, b, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+    enc += [nn.Flatten(), nn.Linear(chans[-1] * hb * wb, 2 * config.latent_dim)]
+    dec: list[nn.Module] = [
+        nn.Linear(config.latent_dim, chans[-1] * hb * wb),
+        nn.SiLU(),
+        nn.Unflatten(1, (chans[-1], hb, wb)),
+    ]
+    rev = list(reversed(chans))
+    for i, (a, b) in enumerate(zip(rev[:-1], rev[1:], strict=True)):
+        dec.append(nn.ConvTranspose2d(a, b, kernel_size=4, stride=2, padding=1))
+        if i < len(rev) - 2:
+            dec.append(nn.SiLU())
+    return nn.Sequential(*enc), nn.Sequential(*dec)

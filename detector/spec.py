@@ -1,0 +1,114 @@
+"""What a model accepts: the input spec saved in ``config.json`` and the checks on samples.
+
+Public scoring entry points call :func:`validate_samples`; every message names what is wrong,
+what was expected and what was received (cf. scikit-learn's "X has 10 features, but ... is
+expecting 784").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.errors import InputError
+
+RANGE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Shape of one sample, dtype, allowed value range and how raw data was preprocessed."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    value_range: tuple[float, float] | None = None  # None: any finite real value
+    preprocessing: str = ""  # human-readable: what the training data went through
+
+    @property
+    def n_features(self) -> int:
+        return math.prod(self.shape)
+
+    def shape_str(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "n_features": self.n_features,
+            "dtype": self.dtype,
+            "value_range": list(self.value_range) if self.value_range else None,
+            "preprocessing": self.preprocessing,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        vr = d.get("value_range")
+        return cls(
+            shape=tuple(int(s) for s in d["shape"]),
+            dtype=str(d.get("dtype", "float32")),
+            value_range=(float(vr[0]), float(vr[1])) if vr else None,
+            preprocessing=str(d.get("preprocessing", "")),
+        )
+
+
+def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np.float32]:
+    """Return ``x`` as a float32 array shaped (N, *spec.shape), or raise InputError."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise InputError(f"{name} is not a rectangular array of numbers: {e}") from e
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise InputError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    expected = f"(N, {spec.n_features})" + (
+        f" or (N, {', '.join(map(str, spec.shape))})" if len(spec.shape) > 1 else ""
+    )
+    if arr.ndim < 2:
+        raise InputError(
+            f"{name} has shape {arr.shape}: expected a batch shaped {expected}; "
+            "wrap a single sample as x[None]"
+        )
+    n = arr.shape[0]
+    if n == 0:
+        raise InputError(f"{name} is empty: no samples to score")
+    features = math.prod(arr.shape[1:])
+    if features != spec.n_features:
+        raise InputError(
+            f"{name} has {features} features per sample (shape {arr.shape}), but the model is "
+            f"expecting {spec.n_features} (input shape {spec.shape_str()})"
+        )
+    if arr.ndim > 2 and tuple(arr.shape[1:]) != spec.shape:
+        raise InputError(
+            f"{name} has sample shape {tuple(arr.shape[1:])}, but the model is expecting "
+            f"{spec.shape} or a flat vector of {spec.n_features}"
+        )
+    out = np.ascontiguousarray(arr.reshape(n, *spec.shape), dtype=np.float32)
+    finite = np.isfinite(out.reshape(n, -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise InputError(
+            f"{name} contains NaN or infinite values in {bad.size} sample(s), first at index "
+            f"{int(bad[0])}"
+        )
+    if spec.value_range is not None:
+        lo, hi = spec.value_range
+        flat = out.reshape(n, -1)
+        outside = (flat < lo - RANGE_TOLERANCE).any(axis=1) | (flat > hi + RANGE_TOLERANCE).any(
+            axis=1
+        )
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            hint = " (8-bit pixels? divide by 255)" if hi <= 1.0 and out.max() > 1.0 else ""
+            raise InputError(
+                f"{name} has values outside the model's input range [{lo:g}, {hi:g}] in "
+                f"{int(outside.sum())} sample(s), first at index {i} "
+                f"(min {float(flat[i].min()):g}, max {float(flat[i].max()):g}){hint}"
+            )
+    return out

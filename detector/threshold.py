@@ -1,0 +1,143 @@
+"""Thresholds and p-values from held-out normal scores (split conformal prediction).
+
+Given n calibration scores s_1..s_n of normal samples the model never trained on, and a test score
+s of a normal sample exchangeable with them:
+
+- the threshold for a target false-positive rate ``fpr`` is the k-th smallest calibration score,
+  k = ceil((n + 1) * (1 - fpr)); flagging ``score > threshold`` then has a false-positive rate of
+  at most ``fpr`` on normal data (Vovk et al., "Algorithmic Learning in a Random World", 2005;
+  Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction", 2021);
+- the p-value of s is (1 + #{i : s_i >= s}) / (n + 1): small = unlike the normal data.
+
+k <= n needs fpr >= 1 / (n + 1); we ask for fpr >= 1 / n so the threshold is never the largest
+calibration score by accident of rounding. Scores: higher = more anomalous.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.errors import ConfigError, FPRError
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def validate_fpr(fpr: float, n_calibration: int) -> None:
+    """Refuse a target FPR the calibration set cannot support."""
+    if not isinstance(fpr, int | float) or math.isnan(fpr):
+        raise FPRError(f"target FPR must be a number, got {fpr!r}")
+    if not 0.0 < fpr < 1.0:
+        raise FPRError(f"target FPR must be strictly between 0 and 1, got {fpr}")
+    if n_calibration < 1:
+        raise FPRError("calibration needs at least one held-out normal score")
+    if fpr < 1.0 / n_calibration:
+        raise FPRError(
+            f"target FPR {fpr} is below 1/n = {1.0 / n_calibration:.6g} for n = {n_calibration} "
+            f"calibration scores; hold out at least {math.ceil(1.0 / fpr)} normal samples "
+            "for calibration or raise the target FPR"
+        )
+
+
+def conformal_threshold(calibration_scores: npt.ArrayLike, fpr: float) -> float:
+    """The k-th smallest calibration score, k = ceil((n + 1)(1 - fpr)). Higher = more anomalous."""
+    scores = _as_scores(calibration_scores)
+    n = scores.size
+    validate_fpr(fpr, n)
+    # Round away float noise before ceil: (n + 1) * (1 - fpr) can land a hair above an integer.
+    k = math.ceil(round((n + 1) * (1.0 - fpr), 9))
+    k = min(max(k, 1), n)
+    return float(np.sort(scores)[k - 1])
+
+
+def p_values(scores: npt.ArrayLike, calibration_scores: npt.ArrayLike) -> FloatArray:
+    """(1 + #{cal >= s}) / (n + 1) for each score s; small p = anomalous."""
+    cal = np.sort(_as_scores(calibration_scores))
+    s = np.asarray(scores, dtype=np.float64)
+    n_ge = cal.size - np.searchsorted(cal, s, side="left")  # count of cal >= s
+    return (1.0 + n_ge) / (cal.size + 1.0)
+
+
+def _as_scores(values: npt.ArrayLike) -> FloatArray:
+    scores = np.asarray(values, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise ConfigError("calibration needs at least one held-out normal score")
+    if not np.all(np.isfinite(scores)):
+        raise ConfigError("calibration scores contain NaN or infinity")
+    return scores
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold and the calibration scores behind it (saved as ``calibration.json``)."""
+
+    target_fpr: float
+    threshold: float
+    scores: tuple[float, ...] = field(repr=False)
+    score_kind: str = "elbo"
+    score_samples: int = 1
+
+    @classmethod
+    def fit(
+        cls,
+        calibration_scores: npt.ArrayLike,
+        target_fpr: float = 0.01,
+        *,
+        score_kind: str = "elbo",
+        score_samples: int = 1,
+    ) -> Calibration:
+        scores = _as_scores(calibration_scores)
+        threshold = conformal_threshold(scores, target_fpr)
+        return cls(
+            target_fpr=float(target_fpr),
+            threshold=threshold,
+            scores=tuple(float(s) for s in np.sort(scores)),
+            score_kind=score_kind,
+            score_samples=score_samples,
+        )
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    def p_values(self, scores: npt.ArrayLike) -> FloatArray:
+        return p_values(scores, self.scores)
+
+    def flags(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """True where score > threshold (anomalous)."""
+        return np.asarray(scores, dtype=np.float64) > self.threshold
+
+    def with_fpr(self, target_fpr: float) -> Calibration:
+        """The same calibration scores, thresholded for another target FPR."""
+        return Calibration.fit(
+            self.scores, target_fpr, score_kind=self.score_kind, score_samples=self.score_samples
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score_kind": self.score_kind,
+            "score_samples": self.score_samples,
+            "direction": "higher score = more anomalous; is_anomaly = score > threshold",
+            "target_fpr": self.target_fpr,
+            "threshold": self.threshold,
+            "n_calibration": self.n,
+            "method": "split conformal: k-th smallest score, k = ceil((n + 1)(1 - target_fpr))",
+            "scores": list(self.scores),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        cal = cls(
+            target_fpr=float(d["target_fpr"]),
+            threshold=float(d["threshold"]),
+            scores=tuple(float(s) for s in d["scores"]),
+            score_kind=str(d.get("score_kind", "elbo")),
+            score_samples=int(d.get("score_samples", 1)),
+        )
+        if cal.n != int(d.get("n_calibration", cal.n)):
+            raise ConfigError("calibration.json: n_calibration does not match its scores")
+        return cal

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+import re
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector import artifact
+from detector.detector import Detector
+from detector.errors import ArtifactError, ArtifactIntegrityError, ArtifactNotFoundError
+from training.pipeline import TrainOutcome
+
+
+def test_round_trip_gives_identical_scores(trained: TrainOutcome, artifact_dir: Path) -> None:
+    split = trained.split
+    assert split.x_test is not None
+    loaded = Detector.load(artifact_dir)
+    before = trained.detector.score(split.x_test)
+    after = loaded.score(split.x_test)
+    np.testing.assert_array_equal(before.score, after.score)
+    assert loaded.threshold == trained.detector.threshold
+    assert loaded.model.config == trained.detector.model.config
+    assert loaded.input_spec == trained.detector.input_spec
+    assert loaded.model_version.startswith("vae-")
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(artifact.REQUIRED_FILES)
+
+
+def test_weights_are_safetensors_not_pickle(artifact_dir: Path) -> None:
+    raw = (artifact_dir / "weights.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])  # safetensors: u64 length + JSON header
+    assert "decoder.0.weight" in header and "feature_mean" in header
+    assert b"\x80\x04" not in raw[:2]  # no pickle protocol marker at the start
+
+
+def test_flipped_byte_in_weights_is_refused(artifact_dir: Path) -> None:
+    p = artifact_dir / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match=r"weights\.safetensors does not match its SHA-256"):
+        Detector.load(artifact_dir)
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "config.json", "calibration.json", "metrics.json"])
+def test_deleted_file_is_refused(artifact_dir: Path, name: str) -> None:
+    (artifact_dir / name).unlink()
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(name) + " is missing"):
+        Detector.load(artifact_dir)
+
+
+def test_truncated_file_is_refused(artifact_dir: Path) -> None:
+    p = artifact_dir / "calibration.json"
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(ArtifactIntegrityError, match=r"calibration\.json is \d+ bytes, manifest says"):
+        Detector.load(artifact_dir)
+
+
+def test_missing_manifest_and_missing_dir(artifact_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactNotFoundError, match="does not exist or is not a directory"):
+        Detector.load(tmp_path / "nope")
+    (artifact_dir / "manifest.json").unlink()
+    with pytest.raises(ArtifactNotFoundError, match=r"manifest\.json is missing"):
+        Detector.load(artifact_dir)
+
+
+def test_manifest_must_list_every_required_file(artifact_dir: Path) -> None:
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    del m["files"]["metrics.json"]
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactIntegrityError, match=r"does not list required file metrics\.json"):
+        Detector.load(artifact_dir)
+
+
+def test_manifest_cannot_point_outside(artifact_dir: Path) -> None:
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    m["files"]["../escape.json"] = {"sha256": "0" * 64, "bytes": 1}
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactIntegrityError, match="is not allowed"):
+        Detector.load(artifact_dir)
+
+
+def test_save_refuses_to_overwrite_and_replaces_on_request(trained: TrainOutcome, artifact_dir: Path) -> None:
+    det = trained.detector
+    with pytest.raises(ArtifactError, match="already exists"):
+        artifact.save(artifact_dir, det.model, det.calibration, det.input_spec)  # type: ignore[arg-type]
+    artifact.save(artifact_dir, det.model, det.calibration, det.input_spec, overwrite=True)  # type: ignore[arg-type]
+    assert Detector.load(artifact_dir).threshold == det.threshold
+    assert [p.name for p in artifact_dir.parent.iterdir()] == ["model"]  # no temp dirs left
+
+
+def test_failed_save_leaves_nothing(trained: TrainOutcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    det = trained.detector
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "write_json", boom)
+    target = tmp_path / "out" / "model"
+    with pytest.raises(OSError, match="disk full"):
+        artifact.save(target, det.model, det.calibration, det.input_spec)  # type: ignore[arg-type]
+    assert not target.exists()
+    assert os.listdir(tmp_path / "out") == []

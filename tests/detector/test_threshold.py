@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from detector.errors import ConfigError, FPRError
+from detector.threshold import Calibration, conformal_threshold, p_values, validate_fpr
+
+
+@pytest.mark.parametrize(
+    ("scores", "fpr", "expected"),
+    [
+        (np.arange(1, 101), 0.05, 96.0),  # k = ceil(101 * 0.95) = 96
+        (np.arange(1, 101), 0.01, 100.0),  # k = ceil(101 * 0.99) = 100
+        (np.arange(1, 10), 0.2, 8.0),  # k = ceil(10 * 0.8) = 8
+        (np.arange(1, 20)[::-1], 0.5, 10.0),  # order of input does not matter; k = 10
+        (np.array([5.0, 5.0, 5.0, 1.0]), 0.25, 5.0),  # ties; k = ceil(3.75) = 4
+    ],
+)
+def test_conformal_threshold_known_values(scores: np.ndarray, fpr: float, expected: float) -> None:
+    assert conformal_threshold(scores, fpr) == expected
+
+
+def test_p_values_known_values() -> None:
+    cal = np.array([4.0, 1.0, 3.0, 2.0])
+    got = p_values([0.0, 1.0, 2.5, 3.0, 4.0, 10.0], cal)
+    # (1 + #{cal >= s}) / (n + 1), n = 4
+    np.testing.assert_allclose(got, [5 / 5, 5 / 5, 3 / 5, 3 / 5, 2 / 5, 1 / 5])
+
+
+@pytest.mark.parametrize(
+    ("fpr", "n", "match"),
+    [
+        (0.0, 100, "strictly between 0 and 1"),
+        (1.0, 100, "strictly between 0 and 1"),
+        (-0.1, 100, "strictly between 0 and 1"),
+        (1.5, 100, "strictly between 0 and 1"),
+        (math.nan, 100, "must be a number"),
+        (0.01, 50, r"below 1/n = 0.02 for n = 50.*at least 100"),
+        (0.05, 0, "at least one held-out"),
+    ],
+)
+def test_validate_fpr_errors(fpr: float, n: int, match: str) -> None:
+    with pytest.raises(FPRError, match=match):
+        validate_fpr(fpr, n)
+
+
+def test_fpr_error_is_a_value_error_and_threshold_uses_it() -> None:
+    with pytest.raises(ValueError, match="below 1/n"):
+        conformal_threshold(np.arange(10.0), 0.01)
+
+
+def test_calibration_rejects_bad_scores() -> None:
+    with pytest.raises(ConfigError, match="NaN or infinity"):
+        Calibration.fit([1.0, np.nan, 2.0], 0.5)
+    with pytest.raises(ConfigError, match="at least one"):
+        Calibration.fit([], 0.5)
+
+
+def test_flags_agree_with_p_values() -> None:
+    rng = np.random.default_rng(1)
+    cal = Calibration.fit(rng.normal(size=500), 0.05)
+    s = rng.normal(size=2000) * 1.5
+    flags, p = cal.flags(s), cal.p_values(s)
+    assert np.all(p[flags] <= cal.target_fpr)  # flagged -> p <= target FPR
+
+
+def test_conformal_fpr_holds_on_fresh_normal_data() -> None:
+    rng = np.random.default_rng(2)
+    fprs = []
+    for _ in range(200):  # average over calibration draws: E[FPR] <= target
+        cal = Calibration.fit(rng.standard_normal(199), 0.05)
+        fprs.append(cal.flags(rng.standard_normal(2000)).mean())
+    assert np.mean(fprs) <= 0.05 + 0.005
+    assert np.mean(fprs) > 0.04  # and the threshold is not needlessly loose
+
+
+def test_calibration_dict_round_trip_and_refit() -> None:
+    cal = Calibration.fit(np.arange(200.0), 0.02, score_kind="iwae", score_samples=8)
+    back = Calibration.from_dict(cal.to_dict())
+    assert back == cal
+    assert cal.with_fpr(0.1).threshold == conformal_threshold(np.arange(200.0), 0.1)
+    bad = cal.to_dict() | {"n_calibration": 3}
+    with pytest.raises(ConfigError, match="n_calibration"):
+        Calibration.from_dict(bad)

