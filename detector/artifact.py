@@ -98,7 +98,9 @@ def save(
     """Write the artifact directory atomically; returns its path."""
     target = Path(path)
     if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; pass overwrite=True (--overwrite) to replace")
+        raise ArtifactError(
+            f"{target} already exists; pass overwrite=True (--overwrite) to replace"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -167,7 +169,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         input_spec = InputSpec.from_dict(config["input"])
         calibration = Calibration.from_dict(_read_json(root, CALIBRATION))
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactIntegrityError(f"{root}: config.json or calibration.json is invalid: {e}") from e
+        raise ArtifactIntegrityError(
+            f"{root}: config.json or calibration.json is invalid: {e}"
+        ) from e
     metrics = _read_json(root, METRICS)
 
     model = VAE(model_config)
@@ -244,7 +248,9 @@ def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(tmp, target)
         return
     if not overwrite:  # appeared while we were writing
-        raise ArtifactError(f"{target} already exists; pass overwrite=True (--overwrite) to replace")
+        raise ArtifactError(
+            f"{target} already exists; pass overwrite=True (--overwrite) to replace"
+        )
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(target, old)
     try:
@@ -256,4 +262,3 @@ def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
 
 
 __all__ = ["Artifact", "load", "package_versions", "save", "sha256_file"]
-

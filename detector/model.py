@@ -26,6 +26,7 @@ so ``VAE(VAEConfig(**saved))`` rebuilds the exact network.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -124,6 +125,10 @@ class VAEConfig:
 class VAE(nn.Module):
     """A VAE whose parts (encode, decode, nll, kl) are used by training and by the score."""
 
+    feature_mean: torch.Tensor
+    feature_scale: torch.Tensor
+    log_sigma: nn.Parameter | None
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
@@ -205,12 +210,12 @@ class VAE(nn.Module):
 def _mlp(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
     dims = [config.n_features, *config.widths]
     enc: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(dims[:-1], dims[1:], strict=True):
+    for a, b in itertools.pairwise(dims):
         enc += [nn.Linear(a, b), nn.SiLU()]
     enc.append(nn.Linear(dims[-1], 2 * config.latent_dim))
     rev = [config.latent_dim, *reversed(config.widths)]
     dec: list[nn.Module] = []
-    for a, b in zip(rev[:-1], rev[1:], strict=True):
+    for a, b in itertools.pairwise(rev):
         dec += [nn.Linear(a, b), nn.SiLU()]
     dec.append(nn.Linear(rev[-1], config.n_features))
     return nn.Sequential(*enc), nn.Sequential(*dec)
@@ -222,7 +227,7 @@ def _conv(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
     hb, wb = h // factor, w // factor  # spatial size at the bottleneck
     chans = [c, *config.widths]
     enc: list[nn.Module] = []
-    for a, b in zip(chans[:-1], chans[1:], strict=True):
+    for a, b in itertools.pairwise(chans):
         enc += [nn.Conv2d(a, b, kernel_size=4, stride=2, padding=1), nn.SiLU()]
     enc += [nn.Flatten(), nn.Linear(chans[-1] * hb * wb, 2 * config.latent_dim)]
     dec: list[nn.Module] = [
@@ -231,7 +236,7 @@ def _conv(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
         nn.Unflatten(1, (chans[-1], hb, wb)),
     ]
     rev = list(reversed(chans))
-    for i, (a, b) in enumerate(zip(rev[:-1], rev[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(rev)):
         dec.append(nn.ConvTranspose2d(a, b, kernel_size=4, stride=2, padding=1))
         if i < len(rev) - 2:
             dec.append(nn.SiLU())

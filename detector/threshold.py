@@ -59,7 +59,7 @@ def p_values(scores: npt.ArrayLike, calibration_scores: npt.ArrayLike) -> FloatA
     cal = np.sort(_as_scores(calibration_scores))
     s = np.asarray(scores, dtype=np.float64)
     n_ge = cal.size - np.searchsorted(cal, s, side="left")  # count of cal >= s
-    return (1.0 + n_ge) / (cal.size + 1.0)
+    return np.asarray((1.0 + n_ge) / (cal.size + 1.0), dtype=np.float64)
 
 
 def _as_scores(values: npt.ArrayLike) -> FloatArray:

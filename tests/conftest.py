@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from training.data import Dataset, load_digits_dataset
-from training.pipeline import CalibrationOptions, DataOptions, ModelOptions, TrainOutcome, train_detector
+from training.pipeline import (
+    CalibrationOptions,
+    DataOptions,
+    ModelOptions,
+    TrainOutcome,
+    train_detector,
+)
 from training.train import TrainConfig
 
 # Settings of the session's tiny detector: an MLP VAE on digits class 0 (about two seconds on CPU).

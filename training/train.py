@@ -54,7 +54,9 @@ class TrainConfig:
         return asdict(self)
 
 
-def kl_weight(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: int, beta: float) -> float:
+def kl_weight(
+    epoch: int, step: int, steps_per_epoch: int, warmup_epochs: int, beta: float
+) -> float:
     """KL weight at a step: linear warm-up from 0 to ``beta`` over ``warmup_epochs`` (pure)."""
     if warmup_epochs <= 0:
         return beta

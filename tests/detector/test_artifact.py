@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,15 @@ def test_flipped_byte_in_weights_is_refused(artifact_dir: Path) -> None:
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
-    with pytest.raises(ArtifactIntegrityError, match=r"weights\.safetensors does not match its SHA-256"):
+    with pytest.raises(
+        ArtifactIntegrityError, match=r"weights\.safetensors does not match its SHA-256"
+    ):
         Detector.load(artifact_dir)
 
 
-@pytest.mark.parametrize("name", ["weights.safetensors", "config.json", "calibration.json", "metrics.json"])
+@pytest.mark.parametrize(
+    "name", ["weights.safetensors", "config.json", "calibration.json", "metrics.json"]
+)
 def test_deleted_file_is_refused(artifact_dir: Path, name: str) -> None:
     (artifact_dir / name).unlink()
     with pytest.raises(ArtifactNotFoundError, match=re.escape(name) + " is missing"):
@@ -56,7 +60,9 @@ def test_deleted_file_is_refused(artifact_dir: Path, name: str) -> None:
 def test_truncated_file_is_refused(artifact_dir: Path) -> None:
     p = artifact_dir / "calibration.json"
     p.write_bytes(p.read_bytes()[:-10])
-    with pytest.raises(ArtifactIntegrityError, match=r"calibration\.json is \d+ bytes, manifest says"):
+    with pytest.raises(
+        ArtifactIntegrityError, match=r"calibration\.json is \d+ bytes, manifest says"
+    ):
         Detector.load(artifact_dir)
 
 
@@ -84,7 +90,9 @@ def test_manifest_cannot_point_outside(artifact_dir: Path) -> None:
         Detector.load(artifact_dir)
 
 
-def test_save_refuses_to_overwrite_and_replaces_on_request(trained: TrainOutcome, artifact_dir: Path) -> None:
+def test_save_refuses_to_overwrite_and_replaces_on_request(
+    trained: TrainOutcome, artifact_dir: Path
+) -> None:
     det = trained.detector
     with pytest.raises(ArtifactError, match="already exists"):
         artifact.save(artifact_dir, det.model, det.calibration, det.input_spec)  # type: ignore[arg-type]
@@ -93,7 +101,9 @@ def test_save_refuses_to_overwrite_and_replaces_on_request(trained: TrainOutcome
     assert [p.name for p in artifact_dir.parent.iterdir()] == ["model"]  # no temp dirs left
 
 
-def test_failed_save_leaves_nothing(trained: TrainOutcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_nothing(
+    trained: TrainOutcome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     det = trained.detector
 
     def boom(*args: object, **kwargs: object) -> None:

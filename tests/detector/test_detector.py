@@ -11,14 +11,26 @@ from training.pipeline import TrainOutcome
 @pytest.mark.parametrize(
     ("x", "match"),
     [
-        (np.zeros((3, 10)), r"X has 10 features per sample \(shape \(3, 10\)\), but the model is expecting 64 \(input shape 1x8x8\)"),
+        (
+            np.zeros((3, 10)),
+            r"X has 10 features per sample \(shape \(3, 10\)\), but the model is expecting 64 \(input shape 1x8x8\)",
+        ),
         (np.zeros(64), r"X has shape \(64,\): expected a batch shaped \(N, 64\) or \(N, 1, 8, 8\)"),
         (np.zeros((0, 64)), "X is empty"),
-        (np.zeros((2, 8, 8, 1)), r"sample shape \(8, 8, 1\), but the model is expecting \(1, 8, 8\)"),
+        (
+            np.zeros((2, 8, 8, 1)),
+            r"sample shape \(8, 8, 1\), but the model is expecting \(1, 8, 8\)",
+        ),
         (np.array([["a"] * 64]), "X must hold numbers, got dtype <U1"),
         ([[0.0] * 64, [0.0] * 3], "not a rectangular array"),
-        (np.full((2, 64), 255.0), r"outside the model's input range \[0, 1\] in 2 sample\(s\), first at index 0 .*divide by 255"),
-        (np.where(np.arange(128).reshape(2, 64) == 70, np.nan, 0.0), r"NaN or infinite values in 1 sample\(s\), first at index 1"),
+        (
+            np.full((2, 64), 255.0),
+            r"outside the model's input range \[0, 1\] in 2 sample\(s\), first at index 0 .*divide by 255",
+        ),
+        (
+            np.where(np.arange(128).reshape(2, 64) == 70, np.nan, 0.0),
+            r"NaN or infinite values in 1 sample\(s\), first at index 1",
+        ),
         (np.full((1, 64), np.inf), "NaN or infinite"),
     ],
 )
@@ -30,8 +42,12 @@ def test_bad_input_is_refused_with_a_message(trained: TrainOutcome, x: object, m
 def test_flat_and_image_inputs_agree(trained: TrainOutcome) -> None:
     x = trained.split.x_cal
     flat = x.reshape(len(x), -1)
-    np.testing.assert_array_equal(trained.detector.score(x).score, trained.detector.score(flat).score)
-    np.testing.assert_array_equal(trained.detector.score(flat.tolist()).score, trained.detector.score(x).score)
+    np.testing.assert_array_equal(
+        trained.detector.score(x).score, trained.detector.score(flat).score
+    )
+    np.testing.assert_array_equal(
+        trained.detector.score(flat.tolist()).score, trained.detector.score(x).score
+    )
 
 
 def test_result_fields(trained: TrainOutcome) -> None:

@@ -10,9 +10,18 @@ from detector.model import VAE, VAEConfig
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"input_shape": (64,), "architecture": "transformer"}, "unknown architecture 'transformer'"),
-        ({"input_shape": (64,), "architecture": "mlp", "likelihood": "poisson"}, "unknown likelihood"),
-        ({"input_shape": (64,), "architecture": "conv"}, r"needs inputs shaped \(channels, height, width\)"),
+        (
+            {"input_shape": (64,), "architecture": "transformer"},
+            "unknown architecture 'transformer'",
+        ),
+        (
+            {"input_shape": (64,), "architecture": "mlp", "likelihood": "poisson"},
+            "unknown likelihood",
+        ),
+        (
+            {"input_shape": (64,), "architecture": "conv"},
+            r"needs inputs shaped \(channels, height, width\)",
+        ),
         ({"input_shape": (1, 10, 10), "architecture": "conv"}, "divisible by 4, got 10x10"),
         ({"input_shape": (64,), "architecture": "mlp", "latent_dim": 0}, "latent_dim must be >= 1"),
         ({"input_shape": (64,), "architecture": "mlp", "beta": 0.0}, "beta must be > 0"),
@@ -42,8 +51,14 @@ def test_config_round_trip_and_default_widths() -> None:
         ((64,), "mlp", "bernoulli", 0.1),
     ],
 )
-def test_shapes_and_finite_losses(shape: tuple, arch: str, likelihood: str, sigma: float | None) -> None:
-    vae = VAE(VAEConfig(input_shape=shape, architecture=arch, latent_dim=3, likelihood=likelihood, sigma=sigma))  # type: ignore[arg-type]
+def test_shapes_and_finite_losses(
+    shape: tuple, arch: str, likelihood: str, sigma: float | None
+) -> None:
+    vae = VAE(
+        VAEConfig(
+            input_shape=shape, architecture=arch, latent_dim=3, likelihood=likelihood, sigma=sigma
+        )
+    )  # type: ignore[arg-type]
     x = torch.rand(5, *shape)
     params, mu, logvar = vae(x)
     assert params.shape == (5, *shape)

@@ -37,7 +37,9 @@ def test_scores_are_batch_invariant_and_repeatable(trained: TrainOutcome, digits
     np.testing.assert_array_equal(again, twice)
 
 
-def test_small_internal_batches_give_the_same_scores(trained: TrainOutcome, digits: Dataset) -> None:
+def test_small_internal_batches_give_the_same_scores(
+    trained: TrainOutcome, digits: Dataset
+) -> None:
     big = trained.detector
     small = Detector(big.model, big.calibration, big.input_spec, batch_size=7)
     ref = big.score(_pool(digits)).score
@@ -78,7 +80,10 @@ def test_iwae_is_deterministic_batch_invariant_and_below_its_elbo(
     assert np.corrcoef(a.score.numpy(), e.numpy())[0, 1] > 0.9
 
 
-@pytest.mark.parametrize(("kind", "samples", "match"), [("mse", 1, "unknown score kind"), ("iwae", 1, "at least 2 samples")])
+@pytest.mark.parametrize(
+    ("kind", "samples", "match"),
+    [("mse", 1, "unknown score kind"), ("iwae", 1, "at least 2 samples")],
+)
 def test_score_kind_errors(trained: TrainOutcome, kind: str, samples: int, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         score_batch(trained.detector.model, torch.zeros(1, 1, 8, 8), kind, samples)

@@ -27,7 +27,9 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
-def test_train_info_evaluate_score_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_info_evaluate_score_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tmp_path / "m"
     code, out, err = _run(capsys, *TRAIN_FAST, "--out", str(model))
     assert code == 0, err
@@ -49,7 +51,17 @@ def test_train_info_evaluate_score_end_to_end(tmp_path: Path, capsys: pytest.Cap
     x = np.random.default_rng(0).uniform(0, 16, size=(30, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out_csv = tmp_path / "scores.csv"
-    code, out, err = _run(capsys, "score", "--model", str(model), str(tmp_path / "x.npy"), "--scale", "16", "--out", str(out_csv))
+    code, out, err = _run(
+        capsys,
+        "score",
+        "--model",
+        str(model),
+        str(tmp_path / "x.npy"),
+        "--scale",
+        "16",
+        "--out",
+        str(out_csv),
+    )
     assert code == 0, err
     df = pd.read_csv(out_csv)
     ref = Detector.load(model).score(x / 16)
@@ -58,13 +70,25 @@ def test_train_info_evaluate_score_end_to_end(tmp_path: Path, capsys: pytest.Cap
     assert list(df.columns) == ["index", "score", "reconstruction", "kl", "p_value", "is_anomaly"]
 
     out_npy = tmp_path / "scores.npy"
-    code, _, err = _run(capsys, "score", "--model", str(model), str(tmp_path / "x.npy"), "--scale", "16", "--out", str(out_npy))
+    code, _, err = _run(
+        capsys,
+        "score",
+        "--model",
+        str(model),
+        str(tmp_path / "x.npy"),
+        "--scale",
+        "16",
+        "--out",
+        str(out_npy),
+    )
     assert code == 0, err
     rec = np.load(out_npy)
     np.testing.assert_allclose(rec["score"], ref.score, rtol=1e-6)
 
     # refuses to overwrite results or the artifact
-    code, _, err = _run(capsys, "score", "--model", str(model), str(tmp_path / "x.npy"), "--out", str(out_csv))
+    code, _, err = _run(
+        capsys, "score", "--model", str(model), str(tmp_path / "x.npy"), "--out", str(out_csv)
+    )
     assert code == 1 and "already exists; pass --overwrite" in err
     code, _, err = _run(capsys, *TRAIN_FAST, "--out", str(model))
     assert code == 1 and "already exists" in err
@@ -82,14 +106,19 @@ def _one_line_error(code: int, err: str, expect: str) -> None:
     ("extra", "expect"),
     [
         (["--dataset", "cifar"], "unknown data set 'cifar'"),
-        (["--dataset", "digits", "--normal-class", "11"], "normal class 11 is not a class of digits"),
+        (
+            ["--dataset", "digits", "--normal-class", "11"],
+            "normal class 11 is not a class of digits",
+        ),
         (["--dataset", "missing.npy"], "missing.npy: no such file"),
         (["--target-fpr", "1.5"], "target FPR must be strictly between 0 and 1"),
         (["--target-fpr", "0.001"], "below 1/n"),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
-def test_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expect: str) -> None:
+def test_train_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expect: str
+) -> None:
     out = tmp_path / "m"
     code, _, err = _run(capsys, *TRAIN_FAST, "--out", str(out), *extra)
     _one_line_error(code, err, expect)
@@ -101,7 +130,9 @@ def test_train_on_nan_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     x = np.random.default_rng(0).normal(size=(200, 5))
     x[17, 2] = np.nan
     np.save(tmp_path / "x.npy", x)
-    code, _, err = _run(capsys, "train", "--dataset", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m"))
+    code, _, err = _run(
+        capsys, "train", "--dataset", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m")
+    )
     _one_line_error(code, err, "NaN or infinite values in 1 row(s), first at row 17")
     assert not (tmp_path / "m").exists()
 
@@ -110,7 +141,19 @@ def test_train_on_user_features(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rng = np.random.default_rng(0)
     x = rng.normal(loc=50.0, scale=10.0, size=(600, 5)).astype(np.float32)
     np.save(tmp_path / "normal.npy", x)
-    code, out, err = _run(capsys, "train", "--dataset", str(tmp_path / "normal.npy"), "--epochs", "3", "--target-fpr", "0.05", "--no-progress", "--out", str(tmp_path / "m"))
+    code, _out, err = _run(
+        capsys,
+        "train",
+        "--dataset",
+        str(tmp_path / "normal.npy"),
+        "--epochs",
+        "3",
+        "--target-fpr",
+        "0.05",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "m"),
+    )
     assert code == 0, err
     det = Detector.load(tmp_path / "m")
     assert det.model.config.architecture == "mlp" and det.input_spec.value_range is None
@@ -127,41 +170,90 @@ def model_dir(trained: TrainOutcome) -> Path:
 @pytest.mark.parametrize(
     ("array", "expect"),
     [
-        (np.zeros((4, 10), np.float32), "has 10 features per sample (shape (4, 10)), but the model is expecting 64"),
+        (
+            np.zeros((4, 10), np.float32),
+            "has 10 features per sample (shape (4, 10)), but the model is expecting 64",
+        ),
         (np.full((3, 64), np.nan, np.float32), "NaN or infinite values in 3 sample(s)"),
         (np.full((3, 64), 16.0, np.float32), "outside the model's input range [0, 1]"),
     ],
 )
-def test_score_bad_input(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], array: np.ndarray, expect: str) -> None:
+def test_score_bad_input(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    array: np.ndarray,
+    expect: str,
+) -> None:
     np.save(tmp_path / "x.npy", array)
     out = tmp_path / "s.csv"
-    code, _, err = _run(capsys, "score", "--model", str(model_dir), str(tmp_path / "x.npy"), "--out", str(out))
+    code, _, err = _run(
+        capsys, "score", "--model", str(model_dir), str(tmp_path / "x.npy"), "--out", str(out)
+    )
     _one_line_error(code, err, expect)
     assert "x.npy" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
-def test_score_missing_file_and_model(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "score", "--model", str(model_dir), str(tmp_path / "nope.npy"), "--out", str(tmp_path / "s.csv"))
+def test_score_missing_file_and_model(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(
+        capsys,
+        "score",
+        "--model",
+        str(model_dir),
+        str(tmp_path / "nope.npy"),
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
     _one_line_error(code, err, "nope.npy: no such file")
     code, _, err = _run(capsys, "info", "--model", str(tmp_path / "nomodel"))
     _one_line_error(code, err, "does not exist or is not a directory")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_evaluate_with_own_labels(model_dir: Path, trained: TrainOutcome, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_with_own_labels(
+    model_dir: Path, trained: TrainOutcome, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     s = trained.split
     assert s.x_test is not None and s.labels_test is not None
     np.save(tmp_path / "x.npy", s.x_test)
     np.save(tmp_path / "labels.npy", s.labels_test)
-    code, out, err = _run(capsys, "evaluate", "--model", str(model_dir), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "labels.npy"), "--normal-class", "0", "--out", str(tmp_path / "r.json"))
+    code, _out, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--labels",
+        str(tmp_path / "labels.npy"),
+        "--normal-class",
+        "0",
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "r.json").read_text())["n_anomalous"] == int((s.labels_test != 0).sum())
-    code, _, err = _run(capsys, "evaluate", "--model", str(model_dir), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "labels.npy"))
+    assert json.loads((tmp_path / "r.json").read_text())["n_anomalous"] == int(
+        (s.labels_test != 0).sum()
+    )
+    code, _, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--labels",
+        str(tmp_path / "labels.npy"),
+    )
     _one_line_error(code, err, "labels must be 0 (normal) or 1 (anomalous)")
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "fetch"], ["train"], ["evaluate"], ["score"], ["info"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["data", "fetch"], ["train"], ["evaluate"], ["score"], ["info"]]
+)
 def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str], cmd: list[str]) -> None:
     code, out, _ = _run(capsys, *cmd, "--help")
     assert code == 0 and "usage:" in out

