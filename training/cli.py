@@ -30,6 +30,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones (None, False, ()) that say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if d is None or d is False or d == () or d is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -63,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from training.train import TrainConfig
 
     tc, mo, do = TrainConfig(), ModelOptions(), DataOptions()
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = _Parser(
         prog=PROG,
         description="Anomaly detection with a Variational Autoencoder: train on normal data, "
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigma",
         type=_sigma,
         default=mo.sigma,
-        help="gaussian likelihood's sigma (standardised units), or 'learned'",
+        help="gaussian sigma, in data units for [0, 1] data and standardised units otherwise; or 'learned' (one per feature)",
     )
     g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
     g = tr.add_argument_group("training")
