@@ -170,6 +170,12 @@ class Detector:
         samples = samples or (cal.score_samples if cal else 1)
         return self._score_array(arr, kind, samples)
 
+    def score_validated(self, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float64]]:
+        """Score parts of rows already shaped (N, *input_shape) by ``validate_samples``."""
+        cal = self.calibration
+        kind, samples = (cal.score_kind, cal.score_samples) if cal else ("elbo", 1)
+        return self._score_array(x, kind, samples)
+
     def score(self, x: Any) -> DetectionResult:
         """Validate ``x`` ((N, features) or (N, *shape)) and score it.
 

@@ -252,6 +252,56 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
+    # -- serve --------------------------------------------------------------------------------
+    from serving.settings import Settings
+
+    st = Settings()
+    sv = sub.add_parser(
+        "serve",
+        help="serve an artifact over HTTP (POST /score, /metrics, ...)",
+        description="Start the HTTP service under uvicorn. Every option can also be set by an "
+        "environment variable VAE_ANOMALY_<OPTION> (e.g. VAE_ANOMALY_MAX_BATCH_SIZE); options "
+        "given here win. VAE_ANOMALY_API_KEY, if set, makes /score, /metadata and /admin require "
+        "header X-API-Key.",
+        formatter_class=fmt,
+    )
+    sv.add_argument("--model", help="artifact directory (or VAE_ANOMALY_MODEL_DIR)")
+    sv.add_argument("--host", help=f"bind address (default {st.host})")
+    sv.add_argument("--port", type=int, help=f"port (default {st.port})")
+    sv.add_argument(
+        "--workers", type=_positive_int, help=f"worker processes (default {st.workers})"
+    )
+    sv.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        help=f"rows per forward pass (default {st.max_batch_size})",
+    )
+    sv.add_argument(
+        "--max-wait-ms", type=float, help=f"micro-batch wait (default {st.max_wait_ms})"
+    )
+    sv.add_argument(
+        "--max-instances",
+        type=_positive_int,
+        help=f"instances per request (default {st.max_instances})",
+    )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        help=f"request body limit (default {st.max_body_bytes})",
+    )
+    sv.add_argument(
+        "--torch-threads", type=int, help="torch threads per worker (default: CPU quota / workers)"
+    )
+    sv.add_argument(
+        "--enable-admin", action="store_true", default=None, help="enable POST /admin/reload"
+    )
+    sv.add_argument("--device", help=f"cpu, cuda or auto (default {st.device})")
+    sv.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help=f"(default {st.log_level})",
+    )
+
     # -- info ---------------------------------------------------------------------------------
     inf = sub.add_parser(
         "info",
@@ -505,12 +555,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import run
+    from serving.settings import Settings
+
+    settings = Settings.from_env(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_instances=args.max_instances,
+        max_body_bytes=args.max_body_bytes,
+        torch_threads=args.torch_threads,
+        enable_admin=args.enable_admin,
+        device=args.device,
+        log_level=args.log_level,
+    )
+    run(settings)
+    return 0
+
+
 COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "score": cmd_score,
     "info": cmd_info,
+    "serve": cmd_serve,
 }
 
 

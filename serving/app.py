@@ -1,0 +1,583 @@
+"""The HTTP service: ``create_app(settings)`` builds a FastAPI app around one model artifact.
+
+Routes: ``POST /score``, ``GET /healthz``, ``GET /readyz``, ``GET /metadata``, ``GET /metrics``,
+``POST /admin/reload`` (off unless enabled), and FastAPI's ``/docs``. Every error is a JSON body
+``{"error", "detail", "request_id"}`` with a 4xx status; an internal error is logged with its
+request id and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from functools import lru_cache
+from typing import Annotated, Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import torch
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from detector.detector import Detector
+from detector.errors import ArtifactError, InputError, VAEAnomalyError
+from detector.score import SCORE_DEFINITION
+from detector.spec import validate_samples
+from detector.threshold import Calibration
+from serving.batcher import MicroBatcher
+from serving.errors import (
+    BadRequest,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    status_for,
+)
+from serving.metrics import ROUTES, Metrics
+from serving.settings import Settings
+
+log = logging.getLogger("vae_anomaly.serving")
+access_log = logging.getLogger("vae_anomaly.access")
+
+JSON_TYPES = ("application/json",)
+NPY_TYPES = ("application/x-npy", "application/octet-stream")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# -- model state ----------------------------------------------------------------------------------
+class ModelHolder:
+    """The detector being served; swapped whole on reload, never half-updated."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.detector: Detector | None = None
+        self.error: str | None = None
+        self._lock = asyncio.Lock()
+
+    def current(self) -> Detector:
+        if self.detector is None:
+            raise ModelNotReady(self.error or "the model is still loading")
+        return self.detector
+
+    def install(self, det: Detector) -> None:
+        previous = self.detector.model_version if self.detector else None
+        self.detector = det
+        self.error = None
+        _calibration_for.cache_clear()
+        assert det.calibration is not None  # Detector.load always has one
+        self.metrics.set_model(det.model_version, det.calibration, previous)
+
+    async def load(self, path: str) -> Detector:
+        """Load and verify an artifact off the event loop; on failure keep what is served."""
+        async with self._lock:
+            try:
+                det = await asyncio.to_thread(
+                    Detector.load,
+                    path,
+                    device=self.settings.device,
+                    batch_size=max(512, self.settings.max_batch_size),
+                )
+            except VAEAnomalyError as e:
+                self.metrics.reloads.labels("failure").inc()
+                log.error("model load from %s failed: %s", path, e)
+                if self.detector is None:
+                    self.error = f"model failed to load: {e}"
+                raise
+            if self.detector is not None:
+                self.metrics.reloads.labels("success").inc()
+            self.install(det)
+            log.info("serving model %s from %s", det.model_version, path)
+            return det
+
+
+@lru_cache(maxsize=64)
+def _calibration_for(cal: Calibration, target_fpr: float) -> Calibration:
+    return cal.with_fpr(target_fpr)
+
+
+# -- ASGI middleware ------------------------------------------------------------------------------
+class BodySizeLimit:
+    """Refuse bodies over ``max_bytes`` with 413, from Content-Length or while the body streams."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await _send_json(send, 413, _too_large(self.max_bytes))
+                    return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(_too_large(self.max_bytes)["detail"])
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> dict[str, Any]:
+    return {
+        "error": "payload_too_large",
+        "detail": f"request body is larger than the limit of {limit} bytes",
+    }
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Observability:
+    """Request id, in-flight gauge, request counter and latency, one JSON access-log line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, access: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _header(scope, b"x-request-id") or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        method = scope.get("method", "GET")
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - t0
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_latency.labels(route, method).observe(elapsed)
+            if self.access:
+                access_log.info(
+                    orjson.dumps(
+                        {
+                            "request_id": rid,
+                            "method": method,
+                            "path": path,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                            "client": (scope.get("client") or ("", 0))[0],
+                        }
+                    ).decode()
+                )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+# -- request parsing ------------------------------------------------------------------------------
+def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.NDArray[Any]:
+    """The body's instances as an array (N, ...); raises a 4xx error saying what is wrong."""
+    ctype = content_type.split(";")[0].strip().lower() or "application/json"
+    if ctype in NPY_TYPES:
+        try:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BadRequest(f"body is not a valid NPY array: {e}") from None
+        if arr.ndim < 2:
+            raise InputError(
+                f"NPY body has shape {arr.shape}: expected an array of instances (N, ...)"
+            )
+    elif ctype in JSON_TYPES:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            try:  # NaN / Infinity literals: accepted here so validation can name them
+                doc = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"malformed JSON: {e}") from None
+        if not isinstance(doc, dict) or "instances" not in doc:
+            raise InputError('JSON body must be an object with an "instances" list')
+        inst = doc["instances"]
+        if not isinstance(inst, list):
+            raise InputError(f'"instances" must be a list, got {type(inst).__name__}')
+        if not inst:
+            raise InputError('"instances" is empty: send at least one instance')
+        if len(inst) > max_instances:
+            raise PayloadTooLarge(
+                f"{len(inst)} instances in one request; the limit is {max_instances}"
+            )
+        try:
+            arr = np.asarray(inst)
+        except ValueError:
+            raise InputError(
+                '"instances" must all have the same shape (ragged nested lists)'
+            ) from None
+        if arr.ndim < 2:
+            raise InputError(
+                "each instance must be a list of numbers (a flat vector or a nested image), not a scalar"
+            )
+    else:
+        raise UnsupportedMediaType(
+            f"content type {ctype!r} is not supported; send application/json or application/x-npy"
+        )
+    if (
+        arr.dtype == np.bool_
+        or not np.issubdtype(arr.dtype, np.number)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+    ):
+        raise InputError(f"instances must hold numbers only (got {arr.dtype.name} values)")
+    if arr.shape[0] > max_instances:
+        raise PayloadTooLarge(
+            f"{arr.shape[0]} instances in one request; the limit is {max_instances}"
+        )
+    return arr
+
+
+# -- dependencies ---------------------------------------------------------------------------------
+def require_key(request: Request) -> None:
+    """With an API key configured, the request must carry it in X-API-Key."""
+    key = request.app.state.settings.api_key
+    if key and request.headers.get("x-api-key") != key:
+        raise Unauthorized("missing or wrong API key: send header X-API-Key")
+
+
+def current_detector(request: Request) -> Detector:
+    holder: ModelHolder = request.app.state.holder
+    return holder.current()
+
+
+Auth = Annotated[None, Depends(require_key)]
+CurrentDetector = Annotated[Detector, Depends(current_detector)]
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(
+    settings: Settings | None = None,
+    *,
+    detector: Detector | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the service. ``detector`` serves an in-memory model (tests); otherwise the artifact at
+    ``settings.model_dir`` is loaded and verified at start-up (``/readyz`` is 503 until then)."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics(registry)
+    holder = ModelHolder(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.threads)
+        batcher = MicroBatcher(
+            holder.current,
+            max_batch_size=settings.max_batch_size,
+            max_wait=settings.max_wait_ms / 1000.0,
+            on_batch=_on_batch,
+        )
+        batcher.start()
+        app.state.batcher = batcher
+        loader: asyncio.Task[Any] | None = None
+        if detector is not None:
+            holder.install(detector)
+        elif settings.model_dir:
+            loader = asyncio.create_task(_initial_load())
+        else:
+            holder.error = "no model configured: set VAE_ANOMALY_MODEL_DIR or pass --model"
+        _install_sighup()
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await batcher.stop()
+
+    async def _initial_load() -> None:
+        with contextlib.suppress(VAEAnomalyError):
+            await holder.load(settings.model_dir)
+
+    def _install_sighup() -> None:
+        def reload() -> None:
+            task = asyncio.get_running_loop().create_task(holder.load(settings.model_dir))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+    def _on_batch(rows: int, seconds: float) -> None:
+        metrics.batch_size.observe(rows)
+        metrics.inference_latency.observe(seconds)
+
+    app = FastAPI(
+        title="vae-anomaly",
+        summary="Anomaly scores from a Variational Autoencoder: -ELBO, higher = more anomalous.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.holder = holder
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    # -- errors: the one mapping from exceptions to HTTP ------------------------------------------
+    def _error(request: Request, status: int, code: str, detail: Any) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None) or request.scope.get("state", {}).get(
+            "request_id"
+        )
+        return JSONResponse(
+            {"error": code, "detail": detail, "request_id": rid}, status_code=status
+        )
+
+    @app.exception_handler(VAEAnomalyError)
+    async def _domain_error(request: Request, exc: VAEAnomalyError) -> JSONResponse:
+        status, code = status_for(exc)
+        return _error(request, status, code, " ".join(str(exc).split()))
+
+    @app.exception_handler(RequestValidationError)
+    async def _param_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        ]
+        return _error(request, 422, "invalid_parameter", "; ".join(errs))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(request, exc.status_code, code, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = request.scope.get("state", {}).get("request_id")
+        log.exception("internal error handling request %s", rid)
+        return _error(
+            request,
+            500,
+            "internal_error",
+            f"internal error; quote request id {rid} when reporting it",
+        )
+
+    # -- routes ----------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="A verified model is loaded (503 before)")
+    async def readyz() -> JSONResponse:
+        if holder.detector is None:
+            return JSONResponse(
+                {"status": "not_ready", "detail": holder.error or "the model is still loading"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "model_version": holder.detector.model_version})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    @app.get(
+        "/metadata", tags=["model"], summary="Model version, input spec, threshold, provenance"
+    )
+    async def metadata(_: Auth, det: CurrentDetector) -> dict[str, Any]:
+        d = det.describe()
+        d["serving"] = {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_instances": settings.max_instances,
+            "max_body_bytes": settings.max_body_bytes,
+            "torch_threads": torch.get_num_threads(),
+            "out_of_range": "rejected with 422 unless clip=true",
+        }
+        return d
+
+    @app.post(
+        "/score",
+        tags=["model"],
+        summary="Score instances: -ELBO, higher = more anomalous",
+        description=(
+            'Body: JSON `{"instances": [...]}` (each a flat vector or a nested image matching the '
+            "model's input shape), or an NPY array of instances (`application/x-npy`). Values "
+            "outside the model's input range are rejected (422) unless `clip=true`. Returns one "
+            "result per instance: score, reconstruction, kl, p_value, is_anomaly."
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["instances"],
+                            "properties": {
+                                "instances": {"type": "array", "items": {"type": "array"}}
+                            },
+                        }
+                    },
+                    "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def score(
+        request: Request,
+        _: Auth,
+        det: CurrentDetector,
+        explain: Annotated[
+            bool, Query(description="also return the per-feature squared reconstruction error")
+        ] = False,
+        clip: Annotated[
+            bool,
+            Query(description="clip values into the model's input range instead of rejecting them"),
+        ] = False,
+        target_fpr: Annotated[
+            float | None,
+            Query(
+                gt=0,
+                lt=1,
+                description="threshold for this target FPR instead of the calibrated one",
+            ),
+        ] = None,
+    ) -> Response:
+        body = await request.body()
+        if not body:
+            raise BadRequest('empty body: send JSON {"instances": [...]} or an NPY array')
+        arr = parse_instances(body, request.headers.get("content-type", ""), settings.max_instances)
+        spec = det.input_spec
+        if clip and spec.value_range is not None:
+            arr = np.clip(arr.astype(np.float32), spec.value_range[0], spec.value_range[1])
+        x = validate_samples(arr, spec, name="instances")
+        parts, used = await request.app.state.batcher.submit(x)
+        cal = used.calibration
+        assert cal is not None
+        if target_fpr is not None:
+            cal = _calibration_for(cal, float(target_fpr))
+        s = parts["score"]
+        flags = cal.flags(s)
+        pv = cal.p_values(s)
+        metrics.observe_scores(s, flags)
+        results: list[dict[str, Any]] = [
+            {"score": a, "reconstruction": b, "kl": c, "p_value": d, "is_anomaly": e}
+            for a, b, c, d, e in zip(
+                s.tolist(),
+                parts["reconstruction"].tolist(),
+                parts["kl"].tolist(),
+                pv.tolist(),
+                flags.tolist(),
+                strict=True,
+            )
+        ]
+        if explain:
+            recon = await asyncio.to_thread(used.reconstruct, x)
+            err = ((x - recon) ** 2).reshape(len(x), -1)
+            for r, row in zip(results, err.tolist(), strict=True):
+                r["feature_errors"] = row
+        payload = {
+            "model_version": used.model_version,
+            "threshold": cal.threshold,
+            "target_fpr": cal.target_fpr,
+            "score_definition": SCORE_DEFINITION,
+            "results": results,
+        }
+        return Response(orjson.dumps(payload), media_type="application/json")
+
+    @app.post(
+        "/admin/reload", tags=["operations"], summary="Load and verify an artifact, then swap it in"
+    )
+    async def reload_model(request: Request, _: Auth) -> dict[str, Any]:
+        if not settings.enable_admin:
+            raise NotFound("the admin endpoint is disabled (set VAE_ANOMALY_ENABLE_ADMIN=true)")
+        body = await request.body()
+        path = settings.model_dir
+        if body:
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"malformed JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise BadRequest('body must be a JSON object like {"model_dir": "/path"}')
+            path = str(doc.get("model_dir") or path)
+        if not path:
+            raise BadRequest('no model_dir: send {"model_dir": "/path/to/artifact"}')
+        previous = holder.detector.model_version if holder.detector else None
+        try:
+            det = await holder.load(path)
+        except ArtifactError as e:
+            raise ArtifactError(f"reload refused, still serving {previous}: {e}") from e
+        return {
+            "status": "reloaded",
+            "model_version": det.model_version,
+            "previous_version": previous,
+        }
+
+    # Middleware: body limit innermost-but-one (its error is handled by the app's handlers),
+    # observability outermost so every response, 413s included, is counted and logged.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Observability, metrics=metrics, access=settings.access_log)
+    return app
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vae-anomaly")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory serving.app:create_app_from_env`` (one per worker)."""
+    return create_app(Settings.from_env())
+
+
+__all__ = ["create_app", "create_app_from_env", "parse_instances"]

@@ -1,0 +1,124 @@
+"""Micro-batching: concurrent requests share one forward pass.
+
+Requests put their validated rows on a queue. One worker task takes the first waiting request,
+gathers more for up to ``max_wait`` seconds or until ``max_batch_size`` rows, runs the model once
+in a single inference thread (off the event loop), and hands each request its own rows back.
+Scores are batch-invariant (``detector.score``), so batching changes latency, never results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.detector import Detector
+from serving.errors import ModelNotReady
+
+Parts = dict[str, npt.NDArray[np.float64]]
+
+
+@dataclass
+class _Job:
+    x: npt.NDArray[np.float32]
+    future: asyncio.Future[tuple[Parts, Detector]]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        get_detector: Callable[[], Detector],
+        *,
+        max_batch_size: int = 64,
+        max_wait: float = 0.002,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._get_detector = get_detector
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, x: npt.NDArray[np.float32]) -> tuple[Parts, Detector]:
+        """Score validated rows; returns their score parts and the detector that scored them."""
+        if self._closing or self._task is None:
+            raise ModelNotReady("the service is shutting down")
+        fut: asyncio.Future[tuple[Parts, Detector]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(x, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            jobs, rows = [first], first.x.shape[0]
+            deadline = loop.time() + self.max_wait
+            stop_after = False
+            while rows < self.max_batch_size:
+                remaining = deadline - loop.time()
+                try:
+                    job = (
+                        self._queue.get_nowait()
+                        if remaining <= 0
+                        else await asyncio.wait_for(self._queue.get(), remaining)
+                    )
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if job is None:
+                    stop_after = True
+                    break
+                jobs.append(job)
+                rows += job.x.shape[0]
+            await self._score(loop, jobs, rows)
+            if stop_after:
+                # drain whatever is still queued, then stop
+                while not self._queue.empty():
+                    job = self._queue.get_nowait()
+                    if job is not None:
+                        await self._score(loop, [job], job.x.shape[0])
+                return
+
+    async def _score(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], rows: int) -> None:
+        detector = self._get_detector()
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        t0 = time.perf_counter()
+        try:
+            parts = await loop.run_in_executor(self._executor, detector.score_validated, x)
+        except Exception as e:  # hand the error to every waiting request
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        if self._on_batch is not None:
+            self._on_batch(rows, time.perf_counter() - t0)
+        start = 0
+        for j in jobs:
+            n = j.x.shape[0]
+            if not j.future.done():  # the client may have gone away
+                j.future.set_result(({k: v[start : start + n] for k, v in parts.items()}, detector))
+            start += n

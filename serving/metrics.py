@@ -1,0 +1,156 @@
+"""Prometheus metrics of the service, all under the ``vae_anomaly_`` prefix.
+
+One ``Metrics`` object per app, bound to a registry (a fresh one per test; the default registry in
+production). With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before start-up and
+``/metrics`` aggregates every worker's files (prometheus_client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from detector.threshold import Calibration
+
+PREFIX = "vae_anomaly"
+ROUTES = ("/score", "/metadata", "/healthz", "/readyz", "/metrics", "/admin/reload")
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def score_buckets(cal: Calibration) -> tuple[float, ...]:
+    """Histogram buckets placed from the calibration scores: their quantiles up to the threshold,
+    then steps above it where anomalies land."""
+    s = np.asarray(cal.scores)
+    qs = np.quantile(s, [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
+    spread = max(float(np.quantile(s, 0.75) - np.quantile(s, 0.25)), 1e-6)
+    above = [cal.threshold + k * spread for k in (0.5, 1, 2, 4, 8, 16, 32)]
+    edges = sorted({round(float(v), 6) for v in [*qs, cal.threshold, *above]})
+    return tuple(edges)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Time of one batched forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Samples per forward pass (micro-batching).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.scored = Counter(f"{PREFIX}_scored_samples", "Samples scored.", registry=r)
+        self.anomalies = Counter(f"{PREFIX}_anomalies", "Samples flagged as anomalous.", registry=r)
+        self.score: Histogram | None = None  # buckets come from the first model's calibration
+        self.threshold = Gauge(
+            f"{PREFIX}_threshold",
+            "Calibrated anomaly threshold (nats).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.target_fpr = Gauge(
+            f"{PREFIX}_target_fpr",
+            "Target false-positive rate of the threshold.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "The model served (value 1 for the current version).",
+            ["model_version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_in_flight_requests",
+            "Requests being handled.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            f"{PREFIX}_model_reloads", "Model reloads by result.", ["result"], registry=r
+        )
+        for route in ROUTES:
+            method = "GET" if route not in ("/score", "/admin/reload") else "POST"
+            self.request_latency.labels(route, method)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def set_model(
+        self, version: str, calibration: Calibration, previous: str | None = None
+    ) -> None:
+        if self.score is None:
+            self.score = Histogram(
+                f"{PREFIX}_score",
+                "Anomaly scores (-ELBO, nats); buckets placed from the calibration scores.",
+                buckets=score_buckets(calibration),
+                registry=self.registry,
+            )
+        if previous is not None and previous != version:
+            self.model_info.labels(previous).set(0)
+        self.model_info.labels(version).set(1)
+        self.threshold.set(calibration.threshold)
+        self.target_fpr.set(calibration.target_fpr)
+
+    def observe_scores(self, scores: np.ndarray, flags: np.ndarray) -> None:
+        self.scored.inc(len(scores))
+        self.anomalies.inc(int(flags.sum()))
+        if self.score is not None:
+            for s in scores.tolist():
+                self.score.observe(s)
+
+    def exposition(self) -> tuple[bytes, str]:
+        if multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

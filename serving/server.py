@@ -1,0 +1,73 @@
+"""Run the service under uvicorn: ``vae-anomaly serve --model DIR``.
+
+One worker runs the app in-process. Several workers each build the app from the environment
+(``serving.app:create_app_from_env``), with prometheus_client's multiprocess mode so ``/metrics``
+reports all of them. SIGTERM / Ctrl-C finish in-flight requests before exiting; SIGHUP reloads
+the artifact (one worker) or restarts the workers on it (several).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+
+from detector.errors import ConfigError
+from serving.settings import ENV_PREFIX, Settings
+
+
+def configure_logging(level: str) -> None:
+    """The service's loggers (``vae_anomaly.*``: access log lines are JSON) to stderr.
+
+    Configured on their own logger, so uvicorn's logging set-up leaves them alone.
+    """
+    logger = logging.getLogger("vae_anomaly")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def run(settings: Settings) -> None:
+    import uvicorn
+
+    if not settings.model_dir:
+        raise ConfigError("no model to serve: pass --model DIR or set VAE_ANOMALY_MODEL_DIR")
+    from detector.artifact import load as verify_artifact
+
+    verify_artifact(settings.model_dir)  # fail fast, before binding the port
+    configure_logging(settings.log_level)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,  # our JSON access log replaces uvicorn's
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        from serving.app import create_app
+
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        return
+    # Several workers: each rebuilds the settings from the environment.
+    for key, value in asdict(settings).items():
+        os.environ[ENV_PREFIX + key.upper()] = str(value)
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="vae-anomaly-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    try:
+        uvicorn.run(
+            "serving.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            **common,  # type: ignore[arg-type]
+        )
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)

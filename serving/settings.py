@@ -1,0 +1,101 @@
+"""Service settings, from keyword arguments or ``VAE_ANOMALY_*`` environment variables.
+
+Bad values fail fast at start-up with a message naming the variable (cf. the FastAPI full-stack
+template's ``core/config.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from detector.errors import ConfigError
+
+ENV_PREFIX = "VAE_ANOMALY_"
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup quota (containers) and the affinity mask, not the
+    machine's core count."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str = ""  # artifact directory to serve (VAE_ANOMALY_MODEL_DIR)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_batch_size: int = 64  # rows gathered into one forward pass
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_instances: int = 10_000  # instances per request (413 above)
+    max_body_bytes: int = 64 * 1024 * 1024  # request body limit (413 above)
+    torch_threads: int = 0  # 0: the CPU quota divided among the workers
+    api_key: str = ""  # if set, /score, /metadata and /admin need header X-API-Key
+    enable_admin: bool = False  # POST /admin/reload
+    device: str = "cpu"
+    log_level: str = "info"
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.port, 0 <= self.port <= 65535, "port must be 0-65535"),
+            (self.workers, self.workers >= 1, "workers must be >= 1"),
+            (self.max_batch_size, self.max_batch_size >= 1, "max_batch_size must be >= 1"),
+            (self.max_wait_ms, 0 <= self.max_wait_ms <= 1000, "max_wait_ms must be 0-1000"),
+            (self.max_instances, self.max_instances >= 1, "max_instances must be >= 1"),
+            (self.max_body_bytes, self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.torch_threads, self.torch_threads >= 0, "torch_threads must be >= 0"),
+        ]
+        for value, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{msg}, got {value}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(
+                f"log_level must be one of critical, error, warning, info, debug, got {self.log_level!r}"
+            )
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, cpu_quota() // self.workers)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``VAE_ANOMALY_<FIELD>`` variables; ``overrides`` (not None) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, type(getattr(cls(), f.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, typ: type) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid {typ.__name__}") from None
