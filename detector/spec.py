@@ -55,6 +55,11 @@ class InputSpec:
         )
 
 
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its size-1 axes: (28, 28) and (1, 28, 28) are the same image."""
+    return tuple(d for d in shape if d != 1)
+
+
 def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np.float32]:
     """Return ``x`` as a float32 array shaped (N, *spec.shape), or raise InputError."""
     try:
@@ -84,10 +89,10 @@ def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np
             f"{name} has {features} features per sample (shape {arr.shape}), but the model is "
             f"expecting {spec.n_features} (input shape {spec.shape_str()})"
         )
-    if arr.ndim > 2 and tuple(arr.shape[1:]) != spec.shape:
+    if arr.ndim > 2 and _squeezed(arr.shape[1:]) != _squeezed(spec.shape):
         raise InputError(
             f"{name} has sample shape {tuple(arr.shape[1:])}, but the model is expecting "
-            f"{spec.shape} or a flat vector of {spec.n_features}"
+            f"{spec.shape} (size-1 axes optional) or a flat vector of {spec.n_features}"
         )
     out = np.ascontiguousarray(arr.reshape(n, *spec.shape), dtype=np.float32)
     finite = np.isfinite(out.reshape(n, -1)).all(axis=1)

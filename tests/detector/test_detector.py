@@ -18,8 +18,8 @@ from training.pipeline import TrainOutcome
         (np.zeros(64), r"X has shape \(64,\): expected a batch shaped \(N, 64\) or \(N, 1, 8, 8\)"),
         (np.zeros((0, 64)), "X is empty"),
         (
-            np.zeros((2, 8, 8, 1)),
-            r"sample shape \(8, 8, 1\), but the model is expecting \(1, 8, 8\)",
+            np.zeros((2, 4, 16)),
+            r"sample shape \(4, 16\), but the model is expecting \(1, 8, 8\) \(size-1 axes optional\)",
         ),
         (np.array([["a"] * 64]), "X must hold numbers, got dtype <U1"),
         ([[0.0] * 64, [0.0] * 3], "not a rectangular array"),

@@ -1,0 +1,371 @@
+"""The HTTP API through FastAPI's TestClient: every endpoint and every bad-input case."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from training.pipeline import TrainOutcome
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _error(r, status: int, code: str, detail: str) -> None:  # type: ignore[no-untyped-def]
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code
+    assert detail in body["detail"], body["detail"]
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert "Traceback" not in r.text
+
+
+def test_health_ready_metadata(client: TestClient, trained: TrainOutcome) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["model_version"] == trained.detector.model_version
+    meta = client.get("/metadata").json()
+    assert meta["input"]["shape"] == [1, 8, 8]
+    assert meta["threshold"] == trained.detector.threshold
+    assert meta["target_fpr"] == 0.05 and meta["n_calibration"] == trained.detector.calibration.n  # type: ignore[union-attr]
+    assert "higher = more anomalous" in meta["score_definition"]
+    assert meta["serving"]["max_batch_size"] == 64
+    assert client.get("/openapi.json").json()["paths"]["/score"]["post"]
+
+
+def test_readyz_is_503_without_a_model(make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(load_from_dir=True, model_dir="/nonexistent/model")
+    deadline = time.monotonic() + 10
+    while "failed" not in c.get("/readyz").json().get("detail", "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = c.get("/readyz")
+    assert r.status_code == 503 and "model failed to load" in r.json()["detail"]
+    assert c.get("/healthz").status_code == 200
+    _error(
+        c.post("/score", json={"instances": [[0.0] * 64]}),
+        503,
+        "model_not_ready",
+        "model failed to load",
+    )
+
+
+def test_model_loads_from_dir_then_ready(make_client, trained: TrainOutcome) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(load_from_dir=True)
+    deadline = time.monotonic() + 20
+    while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.get("/readyz").json()["model_version"] == trained.detector.model_version
+
+
+def test_score_json_matches_offline_detector(
+    client: TestClient, trained: TrainOutcome, test_images: np.ndarray
+) -> None:
+    x = test_images[:20]
+    ref = trained.detector.score(x)
+    for payload in (x.reshape(20, -1).tolist(), x.tolist(), x.reshape(20, 8, 8).tolist()):
+        r = client.post("/score", json={"instances": payload})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == trained.detector.model_version
+        assert body["threshold"] == trained.detector.threshold and body["target_fpr"] == 0.05
+        res = body["results"]
+        assert len(res) == 20 and set(res[0]) == {
+            "score",
+            "reconstruction",
+            "kl",
+            "p_value",
+            "is_anomaly",
+        }
+        np.testing.assert_allclose([d["score"] for d in res], ref.score, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose([d["p_value"] for d in res], ref.p_value)
+        assert [d["is_anomaly"] for d in res] == ref.is_anomaly.tolist()
+
+
+@pytest.mark.parametrize("ctype", ["application/x-npy", "application/octet-stream"])
+def test_score_npy_body(
+    client: TestClient, trained: TrainOutcome, test_images: np.ndarray, ctype: str
+) -> None:
+    r = client.post("/score", content=_npy(test_images[:50]), headers={"content-type": ctype})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(
+        [d["score"] for d in r.json()["results"]],
+        trained.detector.score(test_images[:50]).score,
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def test_explain_returns_per_feature_errors(client: TestClient, test_images: np.ndarray) -> None:
+    r = client.post("/score?explain=true", json={"instances": test_images[:2].tolist()})
+    res = r.json()["results"]
+    assert len(res[0]["feature_errors"]) == 64 and min(res[0]["feature_errors"]) >= 0
+
+
+def test_target_fpr_override(client: TestClient, test_images: np.ndarray) -> None:
+    base = client.post("/score", json={"instances": test_images[:30].tolist()}).json()
+    loose = client.post(
+        "/score?target_fpr=0.5", json={"instances": test_images[:30].tolist()}
+    ).json()
+    assert loose["target_fpr"] == 0.5 and loose["threshold"] < base["threshold"]
+    assert sum(d["is_anomaly"] for d in loose["results"]) >= sum(
+        d["is_anomaly"] for d in base["results"]
+    )
+    _error(
+        client.post("/score?target_fpr=2", json={"instances": test_images[:1].tolist()}),
+        422,
+        "invalid_parameter",
+        "target_fpr",
+    )
+    _error(
+        client.post("/score?target_fpr=abc", json={"instances": test_images[:1].tolist()}),
+        422,
+        "invalid_parameter",
+        "target_fpr",
+    )
+    _error(
+        client.post("/score?target_fpr=0.001", json={"instances": test_images[:1].tolist()}),
+        422,
+        "invalid_parameter",
+        "below 1/n",
+    )
+
+
+def test_out_of_range_rejected_or_clipped(client: TestClient) -> None:
+    x = [[2.0] * 64]
+    _error(
+        client.post("/score", json={"instances": x}),
+        422,
+        "invalid_input",
+        "outside the model's input range [0, 1]",
+    )
+    r = client.post("/score?clip=true", json={"instances": x})
+    assert r.status_code == 200
+    assert (
+        r.json()["results"][0]["score"]
+        == client.post("/score", json={"instances": [[1.0] * 64]}).json()["results"][0]["score"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "detail"),
+    [
+        (b"{not json", 400, "bad_request", "malformed JSON"),
+        (b"[1, 2]", 422, "invalid_input", 'must be an object with an "instances" list'),
+        (b'{"data": [[0.0]]}', 422, "invalid_input", 'must be an object with an "instances" list'),
+        (b'{"instances": 5}', 422, "invalid_input", '"instances" must be a list, got int'),
+        (b'{"instances": []}', 422, "invalid_input", '"instances" is empty'),
+        (b'{"instances": [1, 2, 3]}', 422, "invalid_input", "not a scalar"),
+        (
+            json.dumps({"instances": [[0.0] * 10]}).encode(),
+            422,
+            "invalid_input",
+            "has 10 features per sample (shape (1, 10)), but the model is expecting 64",
+        ),
+        (
+            json.dumps({"instances": [[0.0] * 64, [0.0] * 63]}).encode(),
+            422,
+            "invalid_input",
+            "same shape",
+        ),
+        (
+            b'{"instances": [[NaN' + b", 0.0" * 63 + b"]]}",
+            422,
+            "invalid_input",
+            "NaN or infinite values in 1 sample(s), first at index 0",
+        ),
+        (
+            b'{"instances": [[0.0, Infinity' + b", 0.0" * 62 + b"]]}",
+            422,
+            "invalid_input",
+            "NaN or infinite",
+        ),
+        (
+            json.dumps({"instances": [["0.5"] * 64]}).encode(),
+            422,
+            "invalid_input",
+            "must hold numbers only",
+        ),
+        (
+            json.dumps({"instances": [[True] * 64]}).encode(),
+            422,
+            "invalid_input",
+            "must hold numbers only",
+        ),
+        (
+            json.dumps({"instances": [[None] * 64]}).encode(),
+            422,
+            "invalid_input",
+            "must hold numbers only",
+        ),
+        (b"", 400, "bad_request", "empty body"),
+    ],
+)
+def test_bad_json_bodies(
+    client: TestClient, body: bytes, status: int, code: str, detail: str
+) -> None:
+    _error(
+        client.post("/score", content=body, headers={"content-type": "application/json"}),
+        status,
+        code,
+        detail,
+    )
+
+
+def test_bad_npy_bodies(client: TestClient) -> None:
+    npy = {"content-type": "application/x-npy"}
+    _error(
+        client.post("/score", content=b"not an npy file", headers=npy),
+        400,
+        "bad_request",
+        "not a valid NPY array",
+    )
+    _error(
+        client.post("/score", content=_npy(np.zeros(64)), headers=npy),
+        422,
+        "invalid_input",
+        "expected an array of instances",
+    )
+    _error(
+        client.post("/score", content=_npy(np.array([["a"] * 64])), headers=npy),
+        422,
+        "invalid_input",
+        "numbers only",
+    )
+    _error(
+        client.post("/score", content=_npy(np.array([[None] * 64], dtype=object)), headers=npy),
+        400,
+        "bad_request",
+        "not a valid NPY array",
+    )
+    _error(
+        client.post("/score", content=_npy(np.full((2, 64), np.nan)), headers=npy),
+        422,
+        "invalid_input",
+        "NaN",
+    )
+
+
+def test_unsupported_content_type(client: TestClient) -> None:
+    _error(
+        client.post("/score", content=b"a,b", headers={"content-type": "text/csv"}),
+        415,
+        "unsupported_media_type",
+        "'text/csv' is not supported",
+    )
+
+
+def test_limits(make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(max_instances=5, max_body_bytes=4096)
+    _error(
+        c.post("/score", json={"instances": [[0.0] * 64] * 6}),
+        413,
+        "payload_too_large",
+        "6 instances in one request; the limit is 5",
+    )
+    _error(
+        c.post(
+            "/score",
+            content=_npy(np.zeros((6, 64), np.float32)),
+            headers={"content-type": "application/x-npy"},
+        ),
+        413,
+        "payload_too_large",
+        "the limit is 5",
+    )
+    big = json.dumps({"instances": [[0.123456789] * 64] * 5}).encode()
+    assert len(big) > 4096
+    r = c.post("/score", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than the limit of 4096 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    r = c.post("/score", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+
+def test_api_key(make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(api_key="s3cret")
+    x = {"instances": [[0.0] * 64]}
+    _error(c.post("/score", json=x), 401, "unauthorized", "X-API-Key")
+    _error(
+        c.post("/score", json=x, headers={"x-api-key": "wrong"}), 401, "unauthorized", "X-API-Key"
+    )
+    _error(c.get("/metadata"), 401, "unauthorized", "X-API-Key")
+    assert c.post("/score", json=x, headers={"x-api-key": "s3cret"}).status_code == 200
+    assert (
+        c.get("/healthz").status_code
+        == c.get("/readyz").status_code
+        == c.get("/metrics").status_code
+        == 200
+    )
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    _error(client.get("/nope"), 404, "not_found", "Not Found")
+    _error(client.get("/score"), 405, "method_not_allowed", "Method Not Allowed")
+
+
+def test_internal_error_is_a_generic_500(
+    make_client,
+    trained: TrainOutcome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(raise_server_exceptions=False)
+
+    def boom(x: np.ndarray) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(trained.detector, "score_validated", boom)
+    r = c.post("/score", json={"instances": [[0.0] * 64]}, headers={"x-request-id": "req-123"})
+    assert r.status_code == 500
+    assert r.json() == {
+        "error": "internal_error",
+        "detail": "internal error; quote request id req-123 when reporting it",
+        "request_id": "req-123",
+    }
+    assert "secret internal detail" not in r.text
+    assert any("req-123" in rec.getMessage() for rec in caplog.records)
+
+
+def test_admin_reload_is_off_by_default(client: TestClient) -> None:
+    _error(client.post("/admin/reload"), 404, "not_found", "disabled")
+
+
+def test_metrics_exposition(
+    client: TestClient, test_images: np.ndarray, trained: TrainOutcome
+) -> None:
+    client.post("/score", json={"instances": test_images[:10].tolist()})
+    client.post("/score", json={"instances": [[0.0] * 3]})
+    text = client.get("/metrics").text
+    flagged = int(trained.detector.score(test_images[:10]).is_anomaly.sum())
+    expected = [
+        'vae_anomaly_requests_total{method="POST",route="/score",status="200"} 1.0',
+        'vae_anomaly_requests_total{method="POST",route="/score",status="422"} 1.0',
+        "vae_anomaly_scored_samples_total 10.0",
+        f"vae_anomaly_anomalies_total {float(flagged)}",
+        "vae_anomaly_score_count 10.0",
+        "vae_anomaly_batch_size_count 1.0",
+        "vae_anomaly_inference_duration_seconds_count 1.0",
+        f"vae_anomaly_threshold {trained.detector.threshold}",
+        "vae_anomaly_target_fpr 0.05",
+        f'vae_anomaly_model_info{{model_version="{trained.detector.model_version}"}} 1.0',
+        "vae_anomaly_in_flight_requests 1.0",  # the /metrics request itself
+        'vae_anomaly_model_reloads_total{result="failure"} 0.0',
+    ]
+    for line in expected:
+        assert line in text, line
+    assert (
+        'vae_anomaly_request_duration_seconds_bucket{le="0.005",method="POST",route="/score"}'
+        in text
+    )

@@ -1,0 +1,138 @@
+"""Model reload (admin endpoint) and the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from detector import artifact
+from detector.detector import Detector
+from serving.batcher import MicroBatcher
+from training.pipeline import TrainOutcome
+
+
+@pytest.fixture
+def second_artifact(trained: TrainOutcome, tmp_path: Path) -> Path:
+    """Same network, calibrated for another FPR: a different model version."""
+    det = trained.detector
+    out = tmp_path / "v2"
+    artifact.save(out, det.model, det.calibration.with_fpr(0.2), det.input_spec)  # type: ignore[union-attr]
+    return out
+
+
+@pytest.fixture
+def corrupt_artifact(trained: TrainOutcome, tmp_path: Path) -> Path:
+    assert trained.path is not None
+    out = tmp_path / "bad"
+    shutil.copytree(trained.path, out)
+    p = out / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    return out
+
+
+def test_reload_swaps_a_good_artifact_and_refuses_a_bad_one(
+    make_client,
+    trained: TrainOutcome,
+    second_artifact: Path,
+    corrupt_artifact: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    c: TestClient = make_client(enable_admin=True)
+    x = {"instances": [[0.1] * 64]}
+    v1 = trained.detector.model_version
+    assert c.post("/score", json=x).json()["model_version"] == v1
+
+    r = c.post("/admin/reload", json={"model_dir": str(corrupt_artifact)})
+    assert r.status_code == 409
+    assert f"reload refused, still serving {v1}" in r.json()["detail"]
+    assert "weights.safetensors does not match its SHA-256" in r.json()["detail"]
+    assert c.post("/score", json=x).json()["model_version"] == v1
+
+    r = c.post("/admin/reload", json={"model_dir": str(second_artifact)})
+    assert r.status_code == 200, r.text
+    v2 = r.json()["model_version"]
+    assert v2 != v1 and r.json()["previous_version"] == v1
+    body = c.post("/score", json=x).json()
+    assert body["model_version"] == v2 and body["target_fpr"] == 0.2
+    assert c.get("/readyz").json()["model_version"] == v2
+
+    text = c.get("/metrics").text
+    assert 'vae_anomaly_model_reloads_total{result="failure"} 1.0' in text
+    assert 'vae_anomaly_model_reloads_total{result="success"} 1.0' in text
+    assert f'vae_anomaly_model_info{{model_version="{v2}"}} 1.0' in text
+    assert f'vae_anomaly_model_info{{model_version="{v1}"}} 0.0' in text
+    assert "vae_anomaly_target_fpr 0.2" in text
+
+    _ = c.post("/admin/reload", content=b"{oops", headers={"content-type": "application/json"})
+    assert _.status_code == 400 and "malformed JSON" in _.json()["detail"]
+
+
+def test_reload_requires_the_api_key(make_client, second_artifact: Path) -> None:  # type: ignore[no-untyped-def]
+    c: TestClient = make_client(enable_admin=True, api_key="k")
+    assert c.post("/admin/reload", json={"model_dir": str(second_artifact)}).status_code == 401
+    assert (
+        c.post(
+            "/admin/reload", json={"model_dir": str(second_artifact)}, headers={"x-api-key": "k"}
+        ).status_code
+        == 200
+    )
+
+
+def test_batcher_gathers_concurrent_requests_and_keeps_results_apart(trained: TrainOutcome) -> None:
+    det = trained.detector
+    assert trained.split.x_test is not None
+    xs = [
+        trained.split.x_test[i : i + k]
+        for i, k in zip(range(0, 60, 6), [1, 2, 3, 1, 5, 2, 1, 4, 1, 2], strict=True)
+    ]
+    batches: list[int] = []
+
+    async def main() -> list[np.ndarray]:
+        b = MicroBatcher(
+            lambda: det, max_batch_size=64, max_wait=0.05, on_batch=lambda n, s: batches.append(n)
+        )
+        b.start()
+        try:
+            results = await asyncio.gather(*(b.submit(x) for x in xs))
+        finally:
+            await b.stop()
+        return [parts["score"] for parts, used in results]
+
+    got = asyncio.run(main())
+    assert sum(batches) == sum(len(x) for x in xs)
+    assert max(batches) > 1 and len(batches) < len(xs)  # requests shared forward passes
+    for x, s in zip(xs, got, strict=True):
+        np.testing.assert_allclose(s, det.score(x).score, rtol=1e-5, atol=1e-4)
+
+
+def test_batcher_caps_batch_size_and_reports_errors(trained: TrainOutcome) -> None:
+    det = trained.detector
+    x = trained.split.x_cal[:3]
+    batches: list[int] = []
+
+    class Broken(Detector):
+        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            raise RuntimeError("kaboom")
+
+    async def main() -> None:
+        b = MicroBatcher(
+            lambda: det, max_batch_size=4, max_wait=0.05, on_batch=lambda n, s: batches.append(n)
+        )
+        b.start()
+        await asyncio.gather(*(b.submit(x) for _ in range(4)))
+        await b.stop()
+        broken = Broken(det.model, det.calibration, det.input_spec)
+        b2 = MicroBatcher(lambda: broken, max_wait=0.0)
+        b2.start()
+        with pytest.raises(RuntimeError, match="kaboom"):
+            await b2.submit(x)
+        await b2.stop()
+
+    asyncio.run(main())
+    assert sum(batches) == 12 and max(batches) <= 6  # a batch stops growing once it reaches 4 rows
