@@ -1,0 +1,197 @@
+"""The real server under uvicorn on a loopback port: concurrency, batching, reload under load,
+several workers, and a real Prometheus server scraping it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from detector import artifact
+from tests.serving.live import LiveServer, free_port
+from training.pipeline import TrainOutcome
+
+pytestmark = pytest.mark.slow
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} not in metrics"
+    return total
+
+
+def test_concurrent_clients_are_batched_and_scores_match(trained: TrainOutcome) -> None:
+    assert trained.path is not None and trained.split.x_test is not None
+    x = trained.split.x_test[:160]
+    ref = trained.detector.score(x).score
+    with LiveServer(trained.path, "--max-wait-ms", "5") as srv:
+
+        def client(worker: int) -> list[tuple[int, float]]:
+            out = []
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                for i in range(worker, len(x), 16):
+                    r = c.post("/score", json={"instances": x[i : i + 1].tolist()})
+                    assert r.status_code == 200, r.text
+                    out.append((i, r.json()["results"][0]["score"]))
+            return out
+
+        with ThreadPoolExecutor(16) as pool:
+            got = dict(pair for chunk in pool.map(client, range(16)) for pair in chunk)
+        scores = np.array([got[i] for i in range(len(x))])
+        np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-4)
+        text = httpx.get(srv.url + "/metrics").text
+        batches = _metric(text, "vae_anomaly_batch_size_count")
+        rows = _metric(text, "vae_anomaly_batch_size_sum")
+        assert rows == len(x) and batches < len(x), (rows, batches)  # mean batch size > 1
+        assert _metric(text, "vae_anomaly_scored_samples_total") == len(x)
+        assert 'vae_anomaly_requests_total{method="POST",route="/score",status="200"} 160.0' in text
+    assert '"path":"/score","status":200' in srv.log()  # JSON access log
+
+
+def test_reload_under_load_no_failed_request(trained: TrainOutcome, tmp_path: Path) -> None:
+    assert trained.path is not None
+    det = trained.detector
+    v2_dir = tmp_path / "v2"
+    artifact.save(v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec)  # type: ignore[union-attr]
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(trained.path, bad_dir)
+    (bad_dir / "calibration.json").write_text("{}")
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    with LiveServer(trained.path, "--enable-admin") as srv:
+
+        def hammer() -> None:
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                while not stop.is_set():
+                    r = c.post("/score", json={"instances": [[0.2] * 64]})
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        versions.append(r.json()["model_version"])
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        r = httpx.post(srv.url + "/admin/reload", json={"model_dir": str(v2_dir)}, timeout=30)
+        assert r.status_code == 200, r.text
+        v2 = r.json()["model_version"]
+        time.sleep(0.5)
+        r = httpx.post(srv.url + "/admin/reload", json={"model_dir": str(bad_dir)}, timeout=30)
+        assert r.status_code == 409 and "calibration.json" in r.json()["detail"]
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert httpx.get(srv.url + "/readyz").json()["model_version"] == v2
+    assert statuses and set(statuses) == {200}, f"failed requests during reload: {set(statuses)}"
+    assert versions[0] == det.model_version and versions[-1] == v2
+    assert "model load from" in srv.log() and "failed" in srv.log()
+
+
+def test_several_workers_report_all_metrics(trained: TrainOutcome) -> None:
+    assert trained.path is not None
+    with LiveServer(trained.path, "--workers", "2") as srv:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            for _ in range(3):  # wait until both workers are up
+                c.get("/readyz")
+            n = 0
+            for _ in range(40):
+                with httpx.Client(
+                    base_url=srv.url, timeout=10
+                ) as fresh:  # new connections spread load
+                    assert (
+                        fresh.post("/score", json={"instances": [[0.3] * 64] * 2}).status_code
+                        == 200
+                    )
+                n += 2
+            text = c.get("/metrics").text
+        assert _metric(text, "vae_anomaly_scored_samples_total") == n
+        assert (
+            _metric(text, 'vae_anomaly_requests_total{method="POST",route="/score",status="200"}')
+            == 40
+        )
+
+
+def test_shutdown_is_graceful(trained: TrainOutcome) -> None:
+    assert trained.path is not None
+    srv = LiveServer(trained.path)
+    srv.wait_ready()
+    # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status says why it stopped
+    assert srv.stop() in (0, -15)
+    log = srv.log()
+    assert "Application shutdown complete" in log and "Finished server process" in log
+
+
+def test_prometheus_scrapes_the_service(trained: TrainOutcome, tmp_path: Path) -> None:
+    prom = shutil.which("prometheus")
+    if prom is None:
+        if os.environ.get("VAE_ANOMALY_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("prometheus is not installed (apt-get install prometheus)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    assert trained.path is not None
+    with LiveServer(trained.path) as srv:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            for _ in range(7):
+                assert c.post("/score", json={"instances": [[0.4] * 64] * 3}).status_code == 200
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n"
+            "scrape_configs:\n"
+            f"  - job_name: vae-anomaly\n    static_configs:\n      - targets: ['127.0.0.1:{srv.port}']\n"
+        )
+        web_port = free_port()
+        data_dir = Path(tempfile.mkdtemp(dir=tmp_path))
+        prom_log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [
+                prom,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data_dir}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            api = f"http://127.0.0.1:{web_port}/api/v1/query"
+            deadline = time.monotonic() + 60
+            value = None
+            while time.monotonic() < deadline:
+                try:
+                    r = httpx.get(
+                        api,
+                        params={"query": 'vae_anomaly_scored_samples_total{job="vae-anomaly"}'},
+                        timeout=2,
+                    )
+                    result = r.json()["data"]["result"] if r.status_code == 200 else []
+                    if result:
+                        value = float(result[0]["value"][1])
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            assert value == 21.0
+            up = httpx.get(api, params={"query": 'up{job="vae-anomaly"}'}).json()["data"]["result"]
+            assert up[0]["value"][1] == "1"
+            thr = httpx.get(api, params={"query": "vae_anomaly_threshold"}).json()["data"]["result"]
+            assert float(thr[0]["value"][1]) == pytest.approx(trained.detector.threshold)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            prom_log.close()
