@@ -1,8 +1,10 @@
 """Micro-batching: concurrent requests share one forward pass.
 
 Requests put their validated rows on a queue. One worker task takes the first waiting request,
-gathers more for up to ``max_wait`` seconds or until ``max_batch_size`` rows, runs the model once
-in a single inference thread (off the event loop), and hands each request its own rows back.
+adds every request already queued (they arrived while the previous forward pass ran), waits up to
+``max_wait`` seconds for more while the batch is under ``max_batch_size`` rows, runs the model
+once in a single inference thread (off the event loop), and hands each request its own rows back.
+With ``max_wait = 0`` (the default) a lone request never waits, and batches still form under load.
 Scores are batch-invariant (``detector.score``), so batching changes latency, never results.
 """
 
@@ -80,15 +82,16 @@ class MicroBatcher:
             deadline = loop.time() + self.max_wait
             stop_after = False
             while rows < self.max_batch_size:
-                remaining = deadline - loop.time()
-                try:
-                    job = (
-                        self._queue.get_nowait()
-                        if remaining <= 0
-                        else await asyncio.wait_for(self._queue.get(), remaining)
-                    )
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
+                try:  # greedy: everything that queued while the last forward pass ran
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:  # then wait up to max_wait for company
+                        job = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
                 if job is None:
                     stop_after = True
                     break

@@ -40,7 +40,7 @@ class Settings:
     port: int = 8000
     workers: int = 1
     max_batch_size: int = 64  # rows gathered into one forward pass
-    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_wait_ms: float = 0.0  # extra wait for company; 0 = greedy (batch what queued meanwhile)
     max_instances: int = 10_000  # instances per request (413 above)
     max_body_bytes: int = 64 * 1024 * 1024  # request body limit (413 above)
     torch_threads: int = 0  # 0: the CPU quota divided among the workers

@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = tr.add_argument_group("model")
     g.add_argument(
         "--arch",
-        choices=["auto", "mlp", "conv"],
+        choices=["mlp", "conv"],
         default=mo.architecture,
-        help="auto: conv for images, mlp for feature vectors",
+        help="encoder/decoder body: mlp (any data) or conv (images, height and width divisible by 4)",
     )
     g.add_argument(
         "--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z"
@@ -301,6 +301,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help=f"(default {st.log_level})",
     )
+
+    # -- loadtest -----------------------------------------------------------------------------
+    lt = sub.add_parser(
+        "loadtest",
+        help="benchmark the HTTP service on loopback: latency and throughput",
+        description="Start 'vae-anomaly serve' on a free loopback port and measure latency "
+        "percentiles and throughput for single-instance JSON requests at each --concurrency, "
+        "and for NPY requests of --npy-instances instances. Prints a table; --out writes JSON.",
+        formatter_class=fmt,
+    )
+    lt.add_argument("--model", required=True, help="artifact directory")
+    lt.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario")
+    lt.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each scenario"
+    )
+    lt.add_argument(
+        "--concurrency", type=_widths, default=(1, 8, 32), help="clients for the JSON scenarios"
+    )
+    lt.add_argument(
+        "--npy-instances", type=_positive_int, default=1000, help="instances per NPY request"
+    )
+    lt.add_argument(
+        "--npy-concurrency", type=_widths, default=(1, 4), help="clients for the NPY scenarios"
+    )
+    lt.add_argument("--workers", type=_positive_int, default=1, help="server worker processes")
+    lt.add_argument("--max-wait-ms", type=float, help="server micro-batch wait")
+    lt.add_argument("--out", help="write the report as JSON here")
 
     # -- info ---------------------------------------------------------------------------------
     inf = sub.add_parser(
@@ -577,6 +604,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from detector._io import write_json
+    from serving.loadtest import HEADER, run_loadtest
+
+    server_args = ["--workers", str(args.workers)]
+    if args.max_wait_ms is not None:
+        server_args += ["--max-wait-ms", str(args.max_wait_ms)]
+    _out(HEADER)
+    report = run_loadtest(
+        args.model,
+        concurrency=args.concurrency,
+        npy_instances=args.npy_instances,
+        npy_concurrency=args.npy_concurrency,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        server_args=tuple(server_args),
+        log=_out,
+    )
+    m = report["machine"]
+    _out(f"machine: {m['cpu']}, {m['cpus_usable']} usable CPUs; server {' '.join(server_args)}")
+    if args.out:
+        write_json(args.out, report)
+        _out(f"report written to {args.out}")
+    return 0
+
+
 COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
@@ -584,6 +637,7 @@ COMMANDS = {
     "score": cmd_score,
     "info": cmd_info,
     "serve": cmd_serve,
+    "loadtest": cmd_loadtest,
 }
 
 

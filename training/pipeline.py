@@ -40,7 +40,10 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    architecture: str = "auto"  # auto: conv for (C, H, W) images, mlp otherwise
+    # The MLP matches or beats the conv net on MNIST one-vs-rest (AUROC class 0: 0.995 vs 0.996,
+    # class 2: 0.955 vs 0.933, class 8: 0.909 vs 0.889; same likelihood and epochs) at a third of
+    # the training time and a seventh of the scoring time. conv stays available.
+    architecture: str = "mlp"
     latent_dim: int = 16
     widths: tuple[int, ...] = ()
     # Gaussian with a fixed sigma = 0.1 beats the Bernoulli likelihood on MNIST class 0
@@ -74,12 +77,6 @@ def build_model_config(
 ) -> VAEConfig:
     """Resolve the ``auto`` choices against the data and build the model config."""
     arch = opts.architecture
-    if arch == "auto":
-        arch = (
-            "conv"
-            if len(sample_shape) == 3 and sample_shape[1] % 4 == 0 and sample_shape[2] % 4 == 0
-            else "mlp"
-        )
     likelihood = opts.likelihood
     if likelihood == "bernoulli" and not in_unit_range:
         raise ConfigError(

@@ -1,0 +1,285 @@
+"""Load benchmark of the HTTP service on loopback: latency percentiles and throughput.
+
+Starts ``vae-anomaly serve`` in a subprocess, then drives it from this process with a lean
+asyncio HTTP/1.1 client (keep-alive connections, one request in flight per client), so the
+client's own overhead stays small next to the server's. Scenarios: single-instance JSON requests
+at several concurrency levels, and large NPY requests.
+
+This is a benchmark command that prints figures, not a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.artifact import load as load_artifact
+from detector.errors import VAEAnomalyError
+
+
+@dataclass
+class Result:
+    scenario: str
+    concurrency: int
+    instances_per_request: int
+    requests: int
+    errors: int
+    seconds: float
+    requests_per_s: float
+    instances_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def _request(port: int, body: bytes, content_type: str) -> bytes:
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status
+
+
+async def _client(
+    port: int, payload: bytes, stop_at: float, lat: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(payload)
+            status = await _read_response(reader)
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _scenario(
+    port: int, payload: bytes, concurrency: int, seconds: float, warmup: float
+) -> tuple[list[float], list[int], float]:
+    if warmup > 0:
+        await asyncio.gather(
+            *(
+                _client(port, payload, time.perf_counter() + warmup, [], [])
+                for _ in range(concurrency)
+            )
+        )
+    lat: list[float] = []
+    errors: list[int] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(_client(port, payload, t0 + seconds, lat, errors) for _ in range(concurrency))
+    )
+    return lat, errors, time.perf_counter() - t0
+
+
+def _summarise(
+    name: str, conc: int, n_inst: int, lat: list[float], errors: list[int], seconds: float
+) -> Result:
+    a = np.asarray(lat) * 1000
+    return Result(
+        scenario=name,
+        concurrency=conc,
+        instances_per_request=n_inst,
+        requests=len(lat),
+        errors=len(errors),
+        seconds=seconds,
+        requests_per_s=len(lat) / seconds,
+        instances_per_s=len(lat) * n_inst / seconds,
+        p50_ms=float(np.percentile(a, 50)),
+        p90_ms=float(np.percentile(a, 90)),
+        p99_ms=float(np.percentile(a, 99)),
+        max_ms=float(a.max()),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from serving.settings import cpu_quota
+
+    return {
+        "cpu": cpu,
+        "cpus_usable": cpu_quota(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run_loadtest(
+    model_dir: str,
+    *,
+    concurrency: tuple[int, ...] = (1, 8, 32),
+    npy_instances: int = 1000,
+    npy_concurrency: tuple[int, ...] = (1, 4),
+    seconds: float = 5.0,
+    warmup: float = 1.0,
+    server_args: tuple[str, ...] = (),
+    log: Any = None,
+) -> dict[str, Any]:
+    art = load_artifact(model_dir)  # verify before starting anything
+    spec = art.input_spec
+    lo, hi = spec.value_range or (0.0, 1.0)
+    rng = np.random.default_rng(0)
+    one = rng.uniform(lo, hi, size=(1, spec.n_features)).round(4)
+    json_body = json.dumps({"instances": one.tolist()}).encode()
+    buf = io.BytesIO()
+    np.save(buf, rng.uniform(lo, hi, size=(npy_instances, *spec.shape)).astype(np.float32))
+    npy_body = buf.getvalue()
+
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "serve",
+        "--model",
+        model_dir,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *server_args,
+    ]
+    env = {**os.environ, "VAE_ANOMALY_ACCESS_LOG": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    results: list[Result] = []
+    try:
+        _wait_ready(port, proc)
+        loop_policy = _fast_loop()
+        for c in concurrency:
+            lat, err, secs = _run(
+                loop_policy,
+                _scenario(port, _request(port, json_body, "application/json"), c, seconds, warmup),
+            )
+            results.append(_summarise("json, 1 instance", c, 1, lat, err, secs))
+            if log:
+                log(_row(results[-1]))
+        for c in npy_concurrency:
+            lat, err, secs = _run(
+                loop_policy,
+                _scenario(port, _request(port, npy_body, "application/x-npy"), c, seconds, warmup),
+            )
+            results.append(
+                _summarise(f"npy, {npy_instances} instances", c, npy_instances, lat, err, secs)
+            )
+            if log:
+                log(_row(results[-1]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+    return {
+        "machine": machine(),
+        "model_version": art.model_version,
+        "input_shape": list(spec.shape),
+        "server_args": list(server_args),
+        "seconds_per_scenario": seconds,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _fast_loop() -> Any:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop
+
+
+def _run(factory: Any, coro: Any) -> Any:
+    loop = factory()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise VAEAnomalyError(
+                f"the server exited with {proc.returncode}: {err.strip().splitlines()[-1:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise VAEAnomalyError(f"the server was not ready after {timeout}s")
+
+
+HEADER = f"{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"
+
+
+def _row(r: Result) -> str:
+    return (
+        f"{r.scenario:<24}{r.concurrency:>8}{r.requests:>10}{r.requests_per_s:>10,.0f}{r.instances_per_s:>11,.0f}"
+        f"{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = [
+        "| scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        rows.append(
+            f"| {r['scenario']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['instances_per_s']:,.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+        )
+    return "\n".join(rows)
