@@ -57,6 +57,23 @@ def _widths(s: str) -> tuple[int, ...]:
     return vals
 
 
+def _classes(s: str) -> tuple[int, ...]:
+    """'0-9', '0,2,5' or '3'."""
+    out: list[int] = []
+    try:
+        for part in s.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += range(int(a), int(b) + 1)
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected classes like 0-9 or 0,2,5, got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no classes in {s!r}")
+    return tuple(dict.fromkeys(out))
+
+
 def _sigma(s: str) -> float | None:
     if s == "learned":
         return None
@@ -64,6 +81,57 @@ def _sigma(s: str) -> float | None:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 or 'learned', got {s}")
     return v
+
+
+def _add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--arch",
+        choices=["mlp", "conv"],
+        default=mo.architecture,
+        help="encoder/decoder body: mlp (any data) or conv (images, height and width divisible by 4)",
+    )
+    g.add_argument(
+        "--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z"
+    )
+    g.add_argument(
+        "--widths",
+        type=_widths,
+        default=mo.widths,
+        help="layer widths, e.g. 32,64 (conv channels) or 512,256 (mlp); default per arch",
+    )
+    g.add_argument(
+        "--likelihood",
+        choices=["bernoulli", "gaussian"],
+        default=mo.likelihood,
+        help="p(x|z): gaussian (fixed or learned sigma) or bernoulli (data in [0, 1])",
+    )
+    g.add_argument(
+        "--sigma",
+        type=_sigma,
+        default=mo.sigma,
+        help="gaussian sigma, in data units for [0, 1] data and standardised units otherwise; or 'learned' (one per feature)",
+    )
+    g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=tc.epochs, help="maximum epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=tc.batch_size)
+    g.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=float, default=tc.weight_decay)
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=tc.patience,
+        help="early stopping: epochs without validation improvement (0 = off)",
+    )
+    g.add_argument(
+        "--kl-warmup",
+        type=int,
+        default=tc.kl_warmup_epochs,
+        help="epochs of linear KL warm-up (0 = off)",
+    )
+    g.add_argument("--seed", type=int, default=tc.seed, help="seed of weights and batch order")
+    g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,54 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split"
     )
-    g = tr.add_argument_group("model")
-    g.add_argument(
-        "--arch",
-        choices=["mlp", "conv"],
-        default=mo.architecture,
-        help="encoder/decoder body: mlp (any data) or conv (images, height and width divisible by 4)",
-    )
-    g.add_argument(
-        "--latent-dim", type=_positive_int, default=mo.latent_dim, help="size of the latent code z"
-    )
-    g.add_argument(
-        "--widths",
-        type=_widths,
-        default=mo.widths,
-        help="layer widths, e.g. 32,64 (conv channels) or 512,256 (mlp); default per arch",
-    )
-    g.add_argument(
-        "--likelihood",
-        choices=["bernoulli", "gaussian"],
-        default=mo.likelihood,
-        help="p(x|z): gaussian (fixed or learned sigma) or bernoulli (data in [0, 1])",
-    )
-    g.add_argument(
-        "--sigma",
-        type=_sigma,
-        default=mo.sigma,
-        help="gaussian sigma, in data units for [0, 1] data and standardised units otherwise; or 'learned' (one per feature)",
-    )
-    g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
-    g = tr.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=tc.epochs, help="maximum epochs")
-    g.add_argument("--batch-size", type=_positive_int, default=tc.batch_size)
-    g.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=tc.weight_decay)
-    g.add_argument(
-        "--patience",
-        type=int,
-        default=tc.patience,
-        help="early stopping: epochs without validation improvement (0 = off)",
-    )
-    g.add_argument(
-        "--kl-warmup",
-        type=int,
-        default=tc.kl_warmup_epochs,
-        help="epochs of linear KL warm-up (0 = off)",
-    )
-    g.add_argument("--seed", type=int, default=tc.seed, help="seed of weights and batch order")
-    g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
+    _add_model_args(tr, mo, tc)
     g = tr.add_argument_group("calibration")
     g.add_argument(
         "--target-fpr",
@@ -209,6 +230,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="artifact directory to write")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # -- benchmark ----------------------------------------------------------------------------
+    bm = sub.add_parser(
+        "benchmark",
+        help="MNIST one-vs-rest benchmark of our detector against baselines",
+        description="For each class c: train on the training images of c only, calibrate on "
+        "held-out class-c images, score the full 10,000-image test set (c normal, every other "
+        "digit anomalous). Runs our detector (with the model options below) and the baselines "
+        "on the same splits; reports AUROC, average precision, observed FPR / TPR at the "
+        "threshold and times; writes results.json, results.md and roc_curves.png to --out. "
+        "Results are cached per class, seed and configuration: rerunning resumes.",
+        formatter_class=fmt,
+    )
+    bm.add_argument(
+        "--dataset", default="mnist", choices=["mnist", "digits"], help="labelled data set"
+    )
+    bm.add_argument(
+        "--classes",
+        type=_classes,
+        default=tuple(range(10)),
+        help="normal classes, e.g. 0-9 or 2,5,8",
+    )
+    bm.add_argument(
+        "--seeds", type=_positive_int, default=1, help="training seeds per class (0..N-1)"
+    )
+    bm.add_argument(
+        "--methods",
+        default="vae,pca,iforest,ocsvm,pyod-vae",
+        help="comma-separated: vae, pca, iforest, ocsvm, pyod-vae (needs pyod)",
+    )
+    bm.add_argument("--data-dir", help="folder with MNIST IDX files")
+    bm.add_argument(
+        "--target-fpr", type=float, default=DEFAULT_TARGET_FPR, help="calibration target FPR"
+    )
+    bm.add_argument(
+        "--quick", action="store_true", help="smoke test: classes 0,1, 5 epochs, vae and pca only"
+    )
+    bm.add_argument(
+        "--min-auroc", type=float, help="exit 1 if any class's AUROC of our detector is below this"
+    )
+    bm.add_argument("--out", required=True, help="output folder (also the cache)")
+    _add_model_args(bm, mo, tc)
 
     # -- evaluate -----------------------------------------------------------------------------
     ev = sub.add_parser(
@@ -364,9 +427,78 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from training.pipeline import CalibrationOptions, DataOptions, ModelOptions, train_detector
+def _model_options(args: argparse.Namespace) -> Any:
+    from training.pipeline import ModelOptions
+
+    return ModelOptions(
+        architecture=args.arch,
+        latent_dim=args.latent_dim,
+        widths=args.widths,
+        likelihood=args.likelihood,
+        sigma=args.sigma,
+        beta=args.beta,
+    )
+
+
+def _train_config(args: argparse.Namespace, **override: Any) -> Any:
     from training.train import TrainConfig
+
+    values = dict(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        kl_warmup_epochs=args.kl_warmup,
+        seed=args.seed,
+        device=args.device,
+    )
+    return TrainConfig(**{**values, **override})
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from training.benchmark import BenchmarkConfig, run_benchmark
+    from training.pipeline import CalibrationOptions
+
+    classes, methods, train = (
+        args.classes,
+        tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        _train_config(args),
+    )
+    if args.quick:
+        classes, methods, train = (0, 1), ("vae", "pca"), _train_config(args, epochs=5)
+    cfg = BenchmarkConfig(
+        dataset=args.dataset,
+        classes=classes,
+        seeds=tuple(range(args.seeds)),
+        methods=methods,
+        model=_model_options(args),
+        train=train,
+        calibration=CalibrationOptions(target_fpr=args.target_fpr),
+        data_dir=args.data_dir,
+    )
+    report = run_benchmark(cfg, args.out, echo=_out)
+    from training.benchmark import markdown
+
+    _out("")
+    _out(markdown(report))
+    _out(f"results in {args.out}/results.json, results.md, roc_curves.png")
+    if args.min_auroc is not None and "vae" in report["methods"]:
+        low = {
+            c: v["auroc"]
+            for c, v in report["methods"]["vae"]["per_class"].items()
+            if v["auroc"] < args.min_auroc
+        }
+        if low:
+            sys.stderr.write(
+                f"{PROG}: error: AUROC below {args.min_auroc} for classes {sorted(low)}\n"
+            )
+            return EXIT_FAILURE
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.pipeline import CalibrationOptions, DataOptions, train_detector
 
     outcome = train_detector(
         DataOptions(
@@ -378,24 +510,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             split_seed=args.split_seed,
             fetch=not args.no_fetch,
         ),
-        ModelOptions(
-            architecture=args.arch,
-            latent_dim=args.latent_dim,
-            widths=args.widths,
-            likelihood=args.likelihood,
-            sigma=args.sigma,
-            beta=args.beta,
-        ),
-        TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            patience=args.patience,
-            kl_warmup_epochs=args.kl_warmup,
-            seed=args.seed,
-            device=args.device,
-        ),
+        _model_options(args),
+        _train_config(args),
         CalibrationOptions(
             target_fpr=args.target_fpr, score_kind=args.score, score_samples=args.score_samples
         ),
@@ -638,6 +754,7 @@ COMMANDS = {
     "info": cmd_info,
     "serve": cmd_serve,
     "loadtest": cmd_loadtest,
+    "benchmark": cmd_benchmark,
 }
 
 

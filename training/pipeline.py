@@ -124,8 +124,13 @@ def train_detector(
     overwrite: bool = False,
     progress: bool | None = None,
     dataset: Dataset | None = None,
+    split: Split | None = None,
 ) -> TrainOutcome:
-    """Fit a VAE on normal data, calibrate its threshold, and write the artifact to ``out``."""
+    """Fit a VAE on normal data, calibrate its threshold, and write the artifact to ``out``.
+
+    ``dataset`` skips loading; ``split`` (with ``dataset``) skips splitting, so several runs can
+    share one split (the benchmark does).
+    """
     data = data or DataOptions()
     model_opts = model or ModelOptions()
     train = train or TrainConfig()
@@ -140,7 +145,8 @@ def train_detector(
         if dataset is not None
         else load_dataset(data.dataset, data.data_dir, fetch=data.fetch)
     )
-    split = make_split(ds, data)
+    if split is None:
+        split = make_split(ds, data)
     in_unit = bool(split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0)
     cfg = build_model_config(ds.sample_shape, in_unit, model_opts)
     spec = InputSpec(
