@@ -39,6 +39,7 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+CALIBRATION_QUANTILES = (0.5, 0.9, 0.99)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -101,6 +102,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.calibration_quantile = Gauge(
+            f"{PREFIX}_calibration_score_quantile",
+            "Quantiles of the calibration scores (held-out normal data): the reference for score-shift alerts.",
+            ["quantile"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model served (value 1 for the current version).",
@@ -138,6 +146,8 @@ class Metrics:
         self.model_info.labels(version).set(1)
         self.threshold.set(calibration.threshold)
         self.target_fpr.set(calibration.target_fpr)
+        for q in CALIBRATION_QUANTILES:
+            self.calibration_quantile.labels(str(q)).set(float(np.quantile(calibration.scores, q)))
 
     def observe_scores(self, scores: np.ndarray, flags: np.ndarray) -> None:
         self.scored.inc(len(scores))

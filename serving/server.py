@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 from detector.errors import ConfigError
 from serving.settings import ENV_PREFIX, Settings
@@ -33,6 +34,17 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+def prepare_multiprocess_dir() -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set (the container image sets it), make sure the folder exists
+    and holds no metric files of an earlier run, as prometheus_client requires."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for stale in Path(folder).glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
 def run(settings: Settings) -> None:
     import uvicorn
 
@@ -49,6 +61,7 @@ def run(settings: Settings) -> None:
         "access_log": False,  # our JSON access log replaces uvicorn's
         "timeout_graceful_shutdown": 30,
     }
+    prepare_multiprocess_dir()
     if settings.workers == 1:
         from serving.app import create_app
 

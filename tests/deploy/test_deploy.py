@@ -1,0 +1,152 @@
+"""deploy/: Prometheus config and alert rules (promtool), the dashboard and rules name only metrics
+the service exports, compose and Kubernetes files pass their schemas, the Dockerfile's promises.
+
+No Docker engine runs here: the image is checked statically, not built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.serving.live import LiveServer
+from training.pipeline import TrainOutcome
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        if os.environ.get("VAE_ANOMALY_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("promtool is not installed (apt-get install prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return tool
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "config", "prometheus/prometheus.yml"],
+        ["check", "rules", "prometheus/alerts.yml"],
+        ["test", "rules", "prometheus/alerts_test.yml"],
+    ],
+)
+def test_promtool(args: list[str]) -> None:
+    r = subprocess.run(
+        [_promtool(), *args], cwd=DEPLOY, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())["tests"]
+    fired = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
+    quiet = {
+        t["alertname"] for case in tests for t in case["alert_rule_test"] if not t["exp_alerts"]
+    }
+    assert alerts == fired == quiet
+
+
+def _queried_metrics() -> set[str]:
+    exprs: list[str] = []
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "vae-anomaly.json").read_text())
+    exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return {m for e in exprs for m in re.findall(r"\bvae_anomaly_[a-z_]+\b", e)}
+
+
+@pytest.mark.slow
+def test_dashboard_and_rules_use_only_exported_metrics(trained: TrainOutcome) -> None:
+    assert trained.path is not None
+    with LiveServer(trained.path) as srv:
+        assert httpx.post(srv.url + "/score", json={"instances": [[0.1] * 64]}).status_code == 200
+        assert httpx.post(srv.url + "/score", json={"instances": [[0.1] * 3]}).status_code == 422
+        text = httpx.get(srv.url + "/metrics").text
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    queried = _queried_metrics()
+    assert len(queried) >= 10
+    missing = sorted(queried - exported)
+    assert missing == [], f"dashboard / rules query metrics the service does not export: {missing}"
+
+
+def test_compose_file_matches_the_compose_schema() -> None:
+    r = subprocess.run(
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(DEPLOY / "docker-compose.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"vae-anomaly", "prometheus", "grafana"}
+    for svc in compose["services"].values():  # every mounted file of ours exists
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (DEPLOY / src).exists(), src
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["vae-anomaly:8000"]
+
+
+def test_kubernetes_manifests_are_valid() -> None:
+    kustom = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    files = [str(DEPLOY / "k8s" / f) for f in kustom["resources"]]
+    r = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", *files],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["resources"]["limits"]["cpu"] and any(
+        m["mountPath"] == "/models/model" for m in c["volumeMounts"]
+    )
+    sm = yaml.safe_load((DEPLOY / "k8s" / "servicemonitor.yaml").read_text())
+    assert sm["kind"] == "ServiceMonitor" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_dockerfile_promises() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, flags=re.M)) >= 2  # multi-stage
+    assert re.search(r"^USER app$", text, flags=re.M)  # not root
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert (
+        "PROMETHEUS_MULTIPROC_DIR" in text and "ARG BASE_IMAGE" in text and "ARG MODEL_SRC" in text
+    )
+    # The install step is the README's set-up (CPU torch pin), non-editable.
+    assert "pip install -r requirements/cpu.txt ." in text
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -r requirements/cpu.txt -e ." in readme
+    for src in re.findall(r"^COPY (?!--from)(?:--chown=\S+ )?(\S+) ", text, flags=re.M):
+        if not src.startswith("$"):
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist"
+    assert (DEPLOY / "model").is_dir() and (ROOT / ".dockerignore").is_file()
