@@ -17,9 +17,10 @@ import numpy.typing as npt
 import torch
 
 from detector import artifact as _artifact
+from detector.complexity import complexity_nats
 from detector.errors import ConfigError, NotCalibratedError
 from detector.model import VAE
-from detector.score import SCORE_DEFINITION, ScoreParts, elbo_score, score_batch
+from detector.score import ScoreParts, elbo_score, score_batch, score_definition
 from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
 
@@ -56,13 +57,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class DetectionResult:
     """Per-sample results, each an array of length N.
 
-    ``score``: -ELBO in nats, higher = more anomalous; ``reconstruction`` + ``kl`` = ``score``
-    (ELBO kind). ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
+    ``score``: -ELBO in nats, minus ``complexity_weight * complexity`` when the input-complexity
+    correction is on (``complexity`` is 0 when it is off); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
     """
 
     score: npt.NDArray[np.float64]
     reconstruction: npt.NDArray[np.float64]
     kl: npt.NDArray[np.float64]
+    complexity: npt.NDArray[np.float64]
     p_value: npt.NDArray[np.float64]
     is_anomaly: npt.NDArray[np.bool_]
     threshold: float
@@ -75,6 +77,7 @@ class DetectionResult:
             "score": self.score,
             "reconstruction": self.reconstruction,
             "kl": self.kl,
+            "complexity": self.complexity,
             "p_value": self.p_value,
             "is_anomaly": self.is_anomaly,
         }
@@ -146,7 +149,7 @@ class Detector:
 
     @property
     def score_definition(self) -> str:
-        return SCORE_DEFINITION
+        return score_definition(self.calibration.complexity_weight if self.calibration else 0.0)
 
     def _calibration(self) -> Calibration:
         if self.calibration is None:
@@ -169,24 +172,32 @@ class Detector:
 
     # -- scoring ----------------------------------------------------------------------------
     def score_parts(
-        self, x: Any, *, kind: str | None = None, samples: int | None = None
+        self,
+        x: Any,
+        *,
+        kind: str | None = None,
+        samples: int | None = None,
+        complexity_weight: float | None = None,
     ) -> dict[str, npt.NDArray[np.float64]]:
-        """Validate ``x`` and return score, reconstruction, kl. Higher score = more anomalous.
+        """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
 
-        Needs no calibration. The score kind (elbo / iwae) and its sample count default to the
-        calibration's, else the ELBO.
+        Needs no calibration. The score kind (elbo / iwae), its sample count and the complexity
+        weight default to the calibration's, else the plain ELBO.
         """
         arr = validate_samples(x, self.input_spec)
         cal = self.calibration
         kind = kind or (cal.score_kind if cal else "elbo")
         samples = samples or (cal.score_samples if cal else 1)
-        return self._score_array(arr, kind, samples)
+        if complexity_weight is None:
+            complexity_weight = cal.complexity_weight if cal else 0.0
+        return self._score_array(arr, kind, samples, complexity_weight)
 
     def score_validated(self, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float64]]:
         """Score parts of rows already shaped (N, *input_shape) by ``validate_samples``."""
         cal = self.calibration
-        kind, samples = (cal.score_kind, cal.score_samples) if cal else ("elbo", 1)
-        return self._score_array(x, kind, samples)
+        if cal is None:
+            return self._score_array(x, "elbo", 1, 0.0)
+        return self._score_array(x, cal.score_kind, cal.score_samples, cal.complexity_weight)
 
     def score(self, x: Any) -> DetectionResult:
         """Validate ``x`` ((N, features) or (N, *shape)) and score it.
@@ -201,6 +212,7 @@ class Detector:
             score=parts["score"],
             reconstruction=parts["reconstruction"],
             kl=parts["kl"],
+            complexity=parts["complexity"],
             p_value=cal.p_values(parts["score"]),
             is_anomaly=cal.flags(parts["score"]),
             threshold=cal.threshold,
@@ -231,8 +243,24 @@ class Detector:
                 self._traced = torch.jit.trace(_ELBOGraph(self.model), example, check_trace=False)
         return self._traced
 
-    @torch.inference_mode()
     def _score_array(
+        self, arr: npt.NDArray[np.float32], kind: str, samples: int, complexity_weight: float
+    ) -> dict[str, npt.NDArray[np.float64]]:
+        parts = self._model_parts(arr, kind, samples)
+        if complexity_weight:
+            if self.input_spec.value_range is None:
+                raise ConfigError(
+                    "the complexity correction needs inputs with a known value range; this "
+                    "model's input spec has none"
+                )
+            parts["complexity"] = complexity_nats(arr, self.input_spec.value_range)
+            parts["score"] = parts["score"] - complexity_weight * parts["complexity"]
+        else:
+            parts["complexity"] = np.zeros_like(parts["score"])
+        return parts
+
+    @torch.inference_mode()
+    def _model_parts(
         self, arr: npt.NDArray[np.float32], kind: str, samples: int
     ) -> dict[str, npt.NDArray[np.float64]]:
         chunks: list[ScoreParts] = []
@@ -256,7 +284,8 @@ class Detector:
         cfg = self.metadata.get("config", {})
         return {
             "model_version": self.model_version,
-            "score_definition": SCORE_DEFINITION,
+            "score_definition": self.score_definition,
+            "complexity_weight": cal.complexity_weight if cal else 0.0,
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),
             "threshold": cal.threshold if cal else None,

@@ -39,6 +39,19 @@ SCORE_DEFINITION = (
 )
 
 
+def score_definition(complexity_weight: float = 0.0) -> str:
+    """The score's definition in words, for responses and ``info``."""
+    if not complexity_weight:
+        return SCORE_DEFINITION
+    w = "" if complexity_weight == 1 else f"{complexity_weight:g} * "
+    return (
+        f"score = reconstruction + kl - {w}complexity in nats (higher = more anomalous): the -ELBO "
+        "corrected for input complexity (Serra et al., ICLR 2020); reconstruction = -log p(x|z) at "
+        "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = zlib code length of the "
+        "8-bit input"
+    )
+
+
 @dataclass(frozen=True)
 class ScoreParts:
     """Per-sample scores, each (B,). ``score``: higher = more anomalous."""

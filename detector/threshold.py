@@ -80,6 +80,7 @@ class Calibration:
     scores: tuple[float, ...] = field(repr=False)
     score_kind: str = "elbo"
     score_samples: int = 1
+    complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
 
     @classmethod
     def fit(
@@ -89,6 +90,7 @@ class Calibration:
         *,
         score_kind: str = "elbo",
         score_samples: int = 1,
+        complexity_weight: float = 0.0,
     ) -> Calibration:
         scores = _as_scores(calibration_scores)
         threshold = conformal_threshold(scores, target_fpr)
@@ -98,6 +100,7 @@ class Calibration:
             scores=tuple(float(s) for s in np.sort(scores)),
             score_kind=score_kind,
             score_samples=score_samples,
+            complexity_weight=float(complexity_weight),
         )
 
     @property
@@ -114,13 +117,18 @@ class Calibration:
     def with_fpr(self, target_fpr: float) -> Calibration:
         """The same calibration scores, thresholded for another target FPR."""
         return Calibration.fit(
-            self.scores, target_fpr, score_kind=self.score_kind, score_samples=self.score_samples
+            self.scores,
+            target_fpr,
+            score_kind=self.score_kind,
+            score_samples=self.score_samples,
+            complexity_weight=self.complexity_weight,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "score_kind": self.score_kind,
             "score_samples": self.score_samples,
+            "complexity_weight": self.complexity_weight,
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
@@ -137,6 +145,7 @@ class Calibration:
             scores=tuple(float(s) for s in d["scores"]),
             score_kind=str(d.get("score_kind", "elbo")),
             score_samples=int(d.get("score_samples", 1)),
+            complexity_weight=float(d.get("complexity_weight", 0.0)),
         )
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")

@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector.detector import Detector
 from detector.errors import ArtifactError, InputError, VAEAnomalyError
-from detector.score import SCORE_DEFINITION
 from detector.spec import validate_samples
 from detector.threshold import Calibration
 from serving.batcher import MicroBatcher
@@ -506,11 +505,19 @@ def create_app(
         pv = cal.p_values(s)
         metrics.observe_scores(s, flags)
         results: list[dict[str, Any]] = [
-            {"score": a, "reconstruction": b, "kl": c, "p_value": d, "is_anomaly": e}
-            for a, b, c, d, e in zip(
+            {
+                "score": a,
+                "reconstruction": b,
+                "kl": c,
+                "complexity": d,
+                "p_value": e,
+                "is_anomaly": f,
+            }
+            for a, b, c, d, e, f in zip(
                 s.tolist(),
                 parts["reconstruction"].tolist(),
                 parts["kl"].tolist(),
+                parts["complexity"].tolist(),
                 pv.tolist(),
                 flags.tolist(),
                 strict=True,
@@ -525,7 +532,7 @@ def create_app(
             "model_version": used.model_version,
             "threshold": cal.threshold,
             "target_fpr": cal.target_fpr,
-            "score_definition": SCORE_DEFINITION,
+            "score_definition": used.score_definition,
             "results": results,
         }
         return Response(orjson.dumps(payload), media_type="application/json")

@@ -21,11 +21,18 @@ def calibrate(
     target_fpr: float = DEFAULT_TARGET_FPR,
     score_kind: str = "elbo",
     score_samples: int = 1,
+    complexity_weight: float = 0.0,
     device: str = "cpu",
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
     validate_fpr(target_fpr, int(x_cal.shape[0]))  # fail before spending time scoring
     scores = Detector(model, None, input_spec, device=device).score_parts(
-        x_cal, kind=score_kind, samples=score_samples
+        x_cal, kind=score_kind, samples=score_samples, complexity_weight=complexity_weight
     )["score"]
-    return Calibration.fit(scores, target_fpr, score_kind=score_kind, score_samples=score_samples)
+    return Calibration.fit(
+        scores,
+        target_fpr,
+        score_kind=score_kind,
+        score_samples=score_samples,
+        complexity_weight=complexity_weight,
+    )

@@ -61,6 +61,22 @@ class CalibrationOptions:
     target_fpr: float = DEFAULT_TARGET_FPR
     score_kind: str = "elbo"
     score_samples: int = 1
+    # Input-complexity correction (detector.complexity): score = -ELBO - weight * L(x).
+    # None = auto: 1 (Serra et al.'s correction, both terms in nats) for data with a known value
+    # range such as images, 0 for real-valued features.
+    complexity_weight: float | None = None
+
+    def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
+        if self.complexity_weight is None:
+            return 1.0 if value_range is not None else 0.0
+        if self.complexity_weight < 0:
+            raise ConfigError(f"complexity weight must be >= 0, got {self.complexity_weight}")
+        if self.complexity_weight > 0 and value_range is None:
+            raise ConfigError(
+                "the complexity correction needs data with a known value range (images in [0, 1]); "
+                "use --complexity-weight 0 for real-valued features"
+            )
+        return float(self.complexity_weight)
 
 
 @dataclass
@@ -157,6 +173,7 @@ def train_detector(
     from detector.threshold import validate_fpr
 
     validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
+    complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
 
     torch.manual_seed(train.seed)
     vae = VAE(cfg)
@@ -178,6 +195,7 @@ def train_detector(
         target_fpr=cal_opts.target_fpr,
         score_kind=cal_opts.score_kind,
         score_samples=cal_opts.score_samples,
+        complexity_weight=complexity_weight,
         device=str(device),
     )
     metrics = {

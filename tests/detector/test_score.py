@@ -17,9 +17,36 @@ def _pool(digits: Dataset) -> np.ndarray:
 
 
 def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
-    parts = trained.detector.score_parts(_pool(digits))
-    np.testing.assert_allclose(parts["reconstruction"] + parts["kl"], parts["score"], rtol=1e-6)
-    assert (parts["kl"] >= 0).all()
+    det = trained.detector
+    assert det.calibration is not None and det.calibration.complexity_weight == 1.0  # images: on
+    parts = det.score_parts(_pool(digits))
+    np.testing.assert_allclose(
+        parts["reconstruction"] + parts["kl"] - parts["complexity"],
+        parts["score"],
+        rtol=1e-6,
+        atol=1e-3,  # the parts are summed in float32 inside the model
+    )
+    assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
+    plain = det.score_parts(_pool(digits), complexity_weight=0.0)
+    np.testing.assert_allclose(
+        plain["reconstruction"] + plain["kl"], plain["score"], rtol=1e-6, atol=1e-3
+    )
+    assert (plain["complexity"] == 0).all()
+
+
+def test_complexity_is_the_zlib_code_length_in_nats() -> None:
+    import math
+    import zlib
+
+    from detector.complexity import complexity_nats
+
+    blank = np.zeros((1, 64), np.float32)
+    noise = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
+    got = complexity_nats(np.concatenate([blank, noise]))
+    q = np.clip(np.rint(noise * 255), 0, 255).astype(np.uint8)
+    assert got[0] == len(zlib.compress(bytes(64), 9)) * 8 * math.log(2)
+    assert got[1] == len(zlib.compress(q.tobytes(), 9)) * 8 * math.log(2)
+    assert got[1] > got[0]  # noise is complex, a blank image is simple
 
 
 def test_scores_are_batch_invariant_and_repeatable(trained: TrainOutcome, digits: Dataset) -> None:

@@ -81,6 +81,7 @@ def test_score_json_matches_offline_detector(
             "score",
             "reconstruction",
             "kl",
+            "complexity",
             "p_value",
             "is_anomaly",
         }

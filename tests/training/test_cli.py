@@ -67,7 +67,15 @@ def test_train_info_evaluate_score_end_to_end(
     ref = Detector.load(model).score(x / 16)
     np.testing.assert_allclose(df["score"], ref.score, rtol=1e-5)
     np.testing.assert_array_equal(df["is_anomaly"], ref.is_anomaly)
-    assert list(df.columns) == ["index", "score", "reconstruction", "kl", "p_value", "is_anomaly"]
+    assert list(df.columns) == [
+        "index",
+        "score",
+        "reconstruction",
+        "kl",
+        "complexity",
+        "p_value",
+        "is_anomaly",
+    ]
 
     out_npy = tmp_path / "scores.npy"
     code, _, err = _run(
