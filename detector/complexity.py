@@ -17,12 +17,29 @@ deterministic and batch-invariant like the rest of the score.
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
 
 NATS_PER_BYTE = 8.0 * math.log(2.0)
+_PARALLEL_MIN_ROWS = 256  # below this, threads cost more than they save
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:  # zlib releases the GIL while it compresses, so threads run in parallel
+        _pool = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="zlib"
+        )
+    return _pool
+
+
+def _sizes(q: npt.NDArray[np.uint8], level: int) -> list[int]:
+    return [len(zlib.compress(row.tobytes(), level)) for row in q]
 
 
 def complexity_nats(
@@ -32,5 +49,9 @@ def complexity_nats(
     lo, hi = value_range
     flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     q = np.clip(np.rint((flat - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-    sizes = [len(zlib.compress(row.tobytes(), level)) for row in q]
+    if len(q) < _PARALLEL_MIN_ROWS or (os.cpu_count() or 1) == 1:
+        sizes = _sizes(q, level)
+    else:
+        chunks = np.array_split(q, min(4, os.cpu_count() or 1))
+        sizes = [n for part in _executor().map(_sizes, chunks, [level] * len(chunks)) for n in part]
     return np.asarray(sizes, dtype=np.float64) * NATS_PER_BYTE
