@@ -253,7 +253,8 @@ class Detector:
                     "the complexity correction needs inputs with a known value range; this "
                     "model's input spec has none"
                 )
-            parts["complexity"] = complexity_nats(arr, self.input_spec.value_range)
+            level = self.calibration.complexity_level if self.calibration else 1
+            parts["complexity"] = complexity_nats(arr, self.input_spec.value_range, level=level)
             parts["score"] = parts["score"] - complexity_weight * parts["complexity"]
         else:
             parts["complexity"] = np.zeros_like(parts["score"])

@@ -81,6 +81,7 @@ class Calibration:
     score_kind: str = "elbo"
     score_samples: int = 1
     complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
+    complexity_level: int = 1  # zlib level of L(x); part of the score, so saved with it
 
     @classmethod
     def fit(
@@ -91,6 +92,7 @@ class Calibration:
         score_kind: str = "elbo",
         score_samples: int = 1,
         complexity_weight: float = 0.0,
+        complexity_level: int = 1,
     ) -> Calibration:
         scores = _as_scores(calibration_scores)
         threshold = conformal_threshold(scores, target_fpr)
@@ -101,6 +103,7 @@ class Calibration:
             score_kind=score_kind,
             score_samples=score_samples,
             complexity_weight=float(complexity_weight),
+            complexity_level=int(complexity_level),
         )
 
     @property
@@ -122,6 +125,7 @@ class Calibration:
             score_kind=self.score_kind,
             score_samples=self.score_samples,
             complexity_weight=self.complexity_weight,
+            complexity_level=self.complexity_level,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +133,7 @@ class Calibration:
             "score_kind": self.score_kind,
             "score_samples": self.score_samples,
             "complexity_weight": self.complexity_weight,
+            "complexity_level": self.complexity_level,
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
@@ -146,6 +151,7 @@ class Calibration:
             score_kind=str(d.get("score_kind", "elbo")),
             score_samples=int(d.get("score_samples", 1)),
             complexity_weight=float(d.get("complexity_weight", 0.0)),
+            complexity_level=int(d.get("complexity_level", 1)),
         )
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")

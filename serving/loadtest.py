@@ -156,16 +156,21 @@ def run_loadtest(
     seconds: float = 5.0,
     warmup: float = 1.0,
     server_args: tuple[str, ...] = (),
+    data: Any = None,
     log: Any = None,
 ) -> dict[str, Any]:
+    """``data``: samples to send (N, ...) in the model's input space; None = uniform noise."""
     art = load_artifact(model_dir)  # verify before starting anything
     spec = art.input_spec
     lo, hi = spec.value_range or (0.0, 1.0)
-    rng = np.random.default_rng(0)
-    one = rng.uniform(lo, hi, size=(1, spec.n_features)).round(4)
-    json_body = json.dumps({"instances": one.tolist()}).encode()
+    payload = "uniform noise over the input range" if data is None else f"{len(data)} given samples"
+    if data is None:
+        rng = np.random.default_rng(0)
+        data = rng.uniform(lo, hi, size=(max(npy_instances, 1), *spec.shape))
+    data = np.asarray(data, dtype=np.float32).reshape(len(data), *spec.shape)
+    json_body = json.dumps({"instances": data[:1].reshape(1, -1).round(4).tolist()}).encode()
     buf = io.BytesIO()
-    np.save(buf, rng.uniform(lo, hi, size=(npy_instances, *spec.shape)).astype(np.float32))
+    np.save(buf, data[np.arange(npy_instances) % len(data)])
     npy_body = buf.getvalue()
 
     port = _free_port()
@@ -216,6 +221,7 @@ def run_loadtest(
             proc.stderr.close()
     return {
         "machine": machine(),
+        "payload": payload,
         "model_version": art.model_version,
         "input_shape": list(spec.shape),
         "server_args": list(server_args),

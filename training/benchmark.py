@@ -320,7 +320,9 @@ def _aggregate(
             "params": m.params,
             "per_class": per_class,
             "mean": {
-                k: float(np.mean([per_class[str(c)][k] for c in cfg.classes])) for k in METRICS
+                k: float(np.mean([per_class[str(c)][k] for c in cfg.classes]))
+                for k in (*METRICS, "auroc_plain_elbo")
+                if all(k in per_class[str(c)] for c in cfg.classes)
             },
             "mean_auroc_per_seed": seed_means,
             "mean_auroc_std_over_seeds": float(np.std(seed_means)),
@@ -413,5 +415,5 @@ def _roc_figure(
     fig.suptitle(f"MNIST one-vs-rest ROC curves (seed {seed}); legend: AUROC", fontsize=11)
     fig.tight_layout()
     with atomic_output(path) as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)

@@ -401,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--workers", type=_positive_int, default=1, help="server worker processes")
     lt.add_argument("--max-wait-ms", type=float, help="server micro-batch wait")
+    lt.add_argument(
+        "--data",
+        help="samples to send: 'mnist' (test images) or a .npy file in the model's input space; "
+        "default: uniform noise over the input range (the slowest case for the complexity term)",
+    )
     lt.add_argument("--out", help="write the report as JSON here")
 
     # -- info ---------------------------------------------------------------------------------
@@ -744,8 +749,18 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.max_wait_ms is not None:
         server_args += ["--max-wait-ms", str(args.max_wait_ms)]
     _out(HEADER)
+    data = None
+    if args.data == "mnist":
+        from training.data import load_mnist
+
+        data = load_mnist().x_test
+    elif args.data:
+        from training.data import load_array
+
+        data = load_array(args.data)
     report = run_loadtest(
         args.model,
+        data=data,
         concurrency=args.concurrency,
         npy_instances=args.npy_instances,
         npy_concurrency=args.npy_concurrency,

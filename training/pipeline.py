@@ -65,6 +65,7 @@ class CalibrationOptions:
     # None = auto: 1 (Serra et al.'s correction, both terms in nats) for data with a known value
     # range such as images, 0 for real-valued features.
     complexity_weight: float | None = None
+    complexity_level: int = 1  # zlib level of the complexity term
 
     def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
         if self.complexity_weight is None:
@@ -196,6 +197,7 @@ def train_detector(
         score_kind=cal_opts.score_kind,
         score_samples=cal_opts.score_samples,
         complexity_weight=complexity_weight,
+        complexity_level=cal_opts.complexity_level,
         device=str(device),
     )
     metrics = {

@@ -42,11 +42,17 @@ def test_complexity_is_the_zlib_code_length_in_nats() -> None:
 
     blank = np.zeros((1, 64), np.float32)
     noise = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
-    got = complexity_nats(np.concatenate([blank, noise]))
     q = np.clip(np.rint(noise * 255), 0, 255).astype(np.uint8)
-    assert got[0] == len(zlib.compress(bytes(64), 9)) * 8 * math.log(2)
-    assert got[1] == len(zlib.compress(q.tobytes(), 9)) * 8 * math.log(2)
-    assert got[1] > got[0]  # noise is complex, a blank image is simple
+    for level in (1, 9):
+        got = complexity_nats(np.concatenate([blank, noise]), level=level)
+        assert got[0] == len(zlib.compress(bytes(64), level)) * 8 * math.log(2)
+        assert got[1] == len(zlib.compress(q.tobytes(), level)) * 8 * math.log(2)
+        assert got[1] > got[0]  # noise is complex, a blank image is simple
+    many = np.random.default_rng(1).uniform(0, 1, (600, 64))  # the threaded path
+    np.testing.assert_array_equal(
+        complexity_nats(many),
+        np.concatenate([complexity_nats(many[:100]), complexity_nats(many[100:])]),
+    )
 
 
 def test_scores_are_batch_invariant_and_repeatable(trained: TrainOutcome, digits: Dataset) -> None:
