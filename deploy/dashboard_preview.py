@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.artifact import load as load_artifact
+from serving.process import ServerProcess
 from training.data import load_mnist
 
 
@@ -63,7 +61,6 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seconds", type=int, default=90, help="length of the traffic (three phases)")
-    ap.add_argument("--port", type=int, default=8791)
     args = ap.parse_args()
 
     art = load_artifact(args.model)
@@ -71,30 +68,10 @@ def main() -> None:
     ds = load_mnist()
     assert ds.x_test is not None and ds.y_test is not None
     normal, other = ds.x_test[ds.y_test == c], ds.x_test[ds.y_test != c]
-    url = f"http://127.0.0.1:{args.port}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--model",
-            args.model,
-            "--port",
-            str(args.port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = ServerProcess(args.model, "--log-level", "warning")
+    url = server.url
     try:
-        for _ in range(300):
-            try:
-                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        server.wait_ready()
         stop = threading.Event()
         phase = {"p": 0}
         rng = np.random.default_rng(0)
@@ -129,8 +106,7 @@ def main() -> None:
         for t in threads:
             t.join()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.stop()
     draw(samples, Path(args.out), art.model_version, args.seconds)
 
 

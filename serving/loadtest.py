@@ -13,11 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import platform
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import load as load_artifact
-from detector.errors import VAEAnomalyError
+from serving.process import ServerProcess
 
 
 @dataclass
@@ -120,14 +116,6 @@ def _summarise(
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -173,25 +161,13 @@ def run_loadtest(
     np.save(buf, data[np.arange(npy_instances) % len(data)])
     npy_body = buf.getvalue()
 
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "training.cli",
-        "serve",
-        "--model",
-        model_dir,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *server_args,
-    ]
-    env = {**os.environ, "VAE_ANOMALY_ACCESS_LOG": "false"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    server = ServerProcess(
+        model_dir, "--log-level", "warning", *server_args, env={"VAE_ANOMALY_ACCESS_LOG": "false"}
+    )
+    port = server.port
     results: list[Result] = []
     try:
-        _wait_ready(port, proc)
+        server.wait_ready()
         loop_policy = _fast_loop()
         for c in concurrency:
             lat, err, secs = _run(
@@ -212,13 +188,7 @@ def run_loadtest(
             if log:
                 log(_row(results[-1]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.stderr:
-            proc.stderr.close()
+        server.stop()
     return {
         "machine": machine(),
         "payload": payload,
@@ -245,27 +215,6 @@ def _run(factory: Any, coro: Any) -> Any:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise VAEAnomalyError(
-                f"the server exited with {proc.returncode}: {err.strip().splitlines()[-1:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise VAEAnomalyError(f"the server was not ready after {timeout}s")
 
 
 HEADER = f"{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"

@@ -1,0 +1,94 @@
+"""``vae-anomaly serve`` as a child process on a free loopback port.
+
+Used by the load benchmark, the integration tests and the dashboard preview: start, wait until
+``/readyz`` answers 200, stop with SIGTERM (graceful), read the server's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from detector.errors import VAEAnomalyError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``vae-anomaly serve --model DIR --port PORT [args]``; a context manager that waits ready."""
+
+    def __init__(
+        self, model_dir: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "training.cli", "serve", "--model", str(model_dir)]
+        cmd += ["--port", str(self.port), *args]
+        fd, log = tempfile.mkstemp(prefix=f"vae-anomaly-serve-{self.port}-", suffix=".log")
+        self.log_path = Path(log)
+        self._log = os.fdopen(fd, "w")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise VAEAnomalyError(
+                    f"the server exited with {self.proc.returncode}: {self.log().strip()[-500:]}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise VAEAnomalyError(f"the server was not ready after {timeout}s: {self.log()[-500:]}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (in-flight requests finish), then wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
