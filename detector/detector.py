@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,11 +138,6 @@ class Detector:
         )
 
     @property
-    def path(self) -> Path | None:
-        p = self.metadata.get("path")
-        return Path(p) if p else None
-
-    @property
     def threshold(self) -> float:
         return self._calibration().threshold
 
@@ -160,7 +154,7 @@ class Detector:
 
     def with_target_fpr(self, target_fpr: float) -> Detector:
         """A detector sharing this model, thresholded for another target FPR."""
-        return Detector(
+        other = Detector(
             self.model,
             self._calibration().with_fpr(target_fpr),
             self.input_spec,
@@ -169,6 +163,8 @@ class Detector:
             device=self.device,
             batch_size=self.batch_size,
         )
+        other._traced = self._traced  # same model, same graph
+        return other
 
     # -- scoring ----------------------------------------------------------------------------
     def score_parts(
@@ -178,28 +174,44 @@ class Detector:
         kind: str | None = None,
         samples: int | None = None,
         complexity_weight: float | None = None,
+        complexity_level: int | None = None,
+        name: str = "X",
     ) -> dict[str, npt.NDArray[np.float64]]:
         """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
 
-        Needs no calibration. The score kind (elbo / iwae), its sample count and the complexity
-        weight default to the calibration's, else the plain ELBO.
+        Needs no calibration. The score's settings (kind elbo / iwae, its sample count, the
+        complexity weight and zlib level) default to the calibration's, else the plain ELBO.
+        ``name`` is what error messages call ``x``.
         """
-        arr = validate_samples(x, self.input_spec)
-        cal = self.calibration
-        kind = kind or (cal.score_kind if cal else "elbo")
-        samples = samples or (cal.score_samples if cal else 1)
-        if complexity_weight is None:
-            complexity_weight = cal.complexity_weight if cal else 0.0
-        return self._score_array(arr, kind, samples, complexity_weight)
+        arr = validate_samples(x, self.input_spec, name=name)
+        settings = self._score_settings(
+            kind=kind,
+            samples=samples,
+            complexity_weight=complexity_weight,
+            complexity_level=complexity_level,
+        )
+        return self._score_array(arr, **settings)
 
     def score_validated(self, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float64]]:
         """Score parts of rows already shaped (N, *input_shape) by ``validate_samples``."""
-        cal = self.calibration
-        if cal is None:
-            return self._score_array(x, "elbo", 1, 0.0)
-        return self._score_array(x, cal.score_kind, cal.score_samples, cal.complexity_weight)
+        return self._score_array(x, **self._score_settings())
 
-    def score(self, x: Any) -> DetectionResult:
+    def _score_settings(self, **overrides: Any) -> dict[str, Any]:
+        cal = self.calibration
+        settings: dict[str, Any] = (
+            {
+                "kind": cal.score_kind,
+                "samples": cal.score_samples,
+                "complexity_weight": cal.complexity_weight,
+                "complexity_level": cal.complexity_level,
+            }
+            if cal
+            else {"kind": "elbo", "samples": 1, "complexity_weight": 0.0, "complexity_level": 1}
+        )
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return settings
+
+    def score(self, x: Any, *, name: str = "X") -> DetectionResult:
         """Validate ``x`` ((N, features) or (N, *shape)) and score it.
 
         Returns:
@@ -207,7 +219,7 @@ class Detector:
             anomalous), is_anomaly (score > threshold), and the threshold used.
         """
         cal = self._calibration()
-        parts = self.score_parts(x)
+        parts = self.score_parts(x, name=name)
         return DetectionResult(
             score=parts["score"],
             reconstruction=parts["reconstruction"],
@@ -244,7 +256,12 @@ class Detector:
         return self._traced
 
     def _score_array(
-        self, arr: npt.NDArray[np.float32], kind: str, samples: int, complexity_weight: float
+        self,
+        arr: npt.NDArray[np.float32],
+        kind: str,
+        samples: int,
+        complexity_weight: float,
+        complexity_level: int,
     ) -> dict[str, npt.NDArray[np.float64]]:
         parts = self._model_parts(arr, kind, samples)
         if complexity_weight:
@@ -253,8 +270,9 @@ class Detector:
                     "the complexity correction needs inputs with a known value range; this "
                     "model's input spec has none"
                 )
-            level = self.calibration.complexity_level if self.calibration else 1
-            parts["complexity"] = complexity_nats(arr, self.input_spec.value_range, level=level)
+            parts["complexity"] = complexity_nats(
+                arr, self.input_spec.value_range, level=complexity_level
+            )
             parts["score"] = parts["score"] - complexity_weight * parts["complexity"]
         else:
             parts["complexity"] = np.zeros_like(parts["score"])

@@ -27,17 +27,13 @@ def calibrate(
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
     validate_fpr(target_fpr, int(x_cal.shape[0]))  # fail before spending time scoring
-    # An uncalibrated stand-in that carries the score's settings; the threshold is fitted below.
-    provisional = Calibration(
-        target_fpr=target_fpr,
-        threshold=float("inf"),
-        scores=(0.0,),
-        score_kind=score_kind,
-        score_samples=score_samples,
+    scores = Detector(model, None, input_spec, device=device).score_parts(
+        x_cal,
+        kind=score_kind,
+        samples=score_samples,
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
-    )
-    scores = Detector(model, provisional, input_spec, device=device).score_parts(x_cal)["score"]
+    )["score"]
     return Calibration.fit(
         scores,
         target_fpr,

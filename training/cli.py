@@ -654,10 +654,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     results = []
     for start in range(0, x.shape[0], chunk):
         block = np.asarray(x[start : start + chunk], dtype=np.float32) / np.float32(args.scale)
-        try:
-            results.append(det.score(block))
-        except InputError as e:
-            raise InputError(f"{src}: {e}".replace("X ", "", 1)) from e
+        # error messages count rows within the block, so name the block when there are several
+        name = str(src) if x.shape[0] <= chunk else f"{src} (rows {start}-{start + len(block) - 1})"
+        results.append(det.score(block, name=name))
     cols = {k: np.concatenate([r.columns()[k] for r in results]) for k in results[0].columns()}
     n = cols["score"].shape[0]
     if out.suffix.lower() == ".csv":

@@ -20,6 +20,7 @@ from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError
 from detector.model import VAE, VAEConfig
 from detector.spec import InputSpec
+from detector.threshold import validate_fpr
 from training.calibrate import DEFAULT_TARGET_FPR, calibrate
 from training.data import Dataset, Split, load_dataset, one_vs_rest, split_normal
 from training.train import TrainConfig, fit
@@ -171,8 +172,6 @@ def train_detector(
         value_range=(0.0, 1.0) if cfg.likelihood == "bernoulli" else ds.value_range,
         preprocessing=ds.preprocessing,
     )
-    from detector.threshold import validate_fpr
-
     validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
 

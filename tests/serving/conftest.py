@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -44,6 +44,6 @@ def client(make_client) -> TestClient:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def test_images(trained: TrainOutcome) -> Path:
+def test_images(trained: TrainOutcome) -> np.ndarray:
     assert trained.split.x_test is not None
-    return trained.split.x_test  # type: ignore[return-value]
+    return trained.split.x_test
