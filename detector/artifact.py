@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from detector._io import write_json
+from detector._io import atomic_directory, write_json
 from detector.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -97,47 +95,41 @@ def save(
 ) -> Path:
     """Write the artifact directory atomically; returns its path."""
     target = Path(path)
-    if target.exists() and not overwrite:
+    try:
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            _fsync(tmp / WEIGHTS)
+            write_json(
+                tmp / CONFIG,
+                {
+                    "model": model.config.to_dict(),
+                    "input": input_spec.to_dict(),
+                    "training": training or {},
+                    "data": data or {},
+                    "versions": package_versions(),
+                },
+            )
+            write_json(tmp / CALIBRATION, calibration.to_dict())
+            write_json(tmp / METRICS, metrics or {})
+            files = {name: _file_entry(tmp / name) for name in REQUIRED_FILES}
+            digest = hashlib.sha256(
+                "".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)).encode()
+            ).hexdigest()
+            write_json(
+                tmp / MANIFEST,
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "model_version": f"vae-{digest[:12]}",
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "files": files,
+                },
+            )
+    except FileExistsError:
         raise ArtifactError(
             f"{target} already exists; pass overwrite=True (--overwrite) to replace"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(mode=0o755)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS)
-        write_json(
-            tmp / CONFIG,
-            {
-                "model": model.config.to_dict(),
-                "input": input_spec.to_dict(),
-                "training": training or {},
-                "data": data or {},
-                "versions": package_versions(),
-            },
-        )
-        write_json(tmp / CALIBRATION, calibration.to_dict())
-        write_json(tmp / METRICS, metrics or {})
-        files = {name: _file_entry(tmp / name) for name in REQUIRED_FILES}
-        digest = hashlib.sha256(
-            "".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)).encode()
-        ).hexdigest()
-        write_json(
-            tmp / MANIFEST,
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "model_version": f"vae-{digest[:12]}",
-                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "files": files,
-            },
-        )
-        _replace_dir(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ) from None
     return target
 
 
@@ -241,24 +233,6 @@ def _read_json(root: Path, name: str) -> dict[str, Any]:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    if not overwrite:  # appeared while we were writing
-        raise ArtifactError(
-            f"{target} already exists; pass overwrite=True (--overwrite) to replace"
-        )
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["Artifact", "load", "package_versions", "save", "sha256_file"]

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import torch
 
 from detector import artifact as _artifact
-from detector.complexity import complexity_nats
+from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL, complexity_nats
 from detector.errors import ConfigError, NotCalibratedError
 from detector.model import VAE
 from detector.score import ScoreParts, elbo_score, score_batch, score_definition
@@ -175,6 +175,7 @@ class Detector:
         samples: int | None = None,
         complexity_weight: float | None = None,
         complexity_level: int | None = None,
+        complexity_codec: str | None = None,
         name: str = "X",
     ) -> dict[str, npt.NDArray[np.float64]]:
         """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
@@ -189,6 +190,7 @@ class Detector:
             samples=samples,
             complexity_weight=complexity_weight,
             complexity_level=complexity_level,
+            complexity_codec=complexity_codec,
         )
         return self._score_array(arr, **settings)
 
@@ -204,9 +206,16 @@ class Detector:
                 "samples": cal.score_samples,
                 "complexity_weight": cal.complexity_weight,
                 "complexity_level": cal.complexity_level,
+                "complexity_codec": cal.complexity_codec,
             }
             if cal
-            else {"kind": "elbo", "samples": 1, "complexity_weight": 0.0, "complexity_level": 1}
+            else {
+                "kind": "elbo",
+                "samples": 1,
+                "complexity_weight": 0.0,
+                "complexity_level": DEFAULT_LEVEL,
+                "complexity_codec": DEFAULT_CODEC,
+            }
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return settings
@@ -262,6 +271,7 @@ class Detector:
         samples: int,
         complexity_weight: float,
         complexity_level: int,
+        complexity_codec: str,
     ) -> dict[str, npt.NDArray[np.float64]]:
         parts = self._model_parts(arr, kind, samples)
         if complexity_weight:
@@ -271,7 +281,7 @@ class Detector:
                     "model's input spec has none"
                 )
             parts["complexity"] = complexity_nats(
-                arr, self.input_spec.value_range, level=complexity_level
+                arr, self.input_spec.value_range, level=complexity_level, codec=complexity_codec
             )
             parts["score"] = parts["score"] - complexity_weight * parts["complexity"]
         else:

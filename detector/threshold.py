@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from detector.complexity import DEFAULT_CODEC, check_codec, codec_version
 from detector.errors import ConfigError, FPRError
 
 FloatArray = npt.NDArray[np.float64]
@@ -81,7 +82,8 @@ class Calibration:
     score_kind: str = "elbo"
     score_samples: int = 1
     complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
-    complexity_level: int = 1  # zlib level of L(x); part of the score, so saved with it
+    complexity_level: int = 1  # compression level of L(x); part of the score, so saved with it
+    complexity_codec: str = DEFAULT_CODEC  # compressor of L(x) (detector.complexity.CODECS)
 
     @classmethod
     def fit(
@@ -93,7 +95,9 @@ class Calibration:
         score_samples: int = 1,
         complexity_weight: float = 0.0,
         complexity_level: int = 1,
+        complexity_codec: str = DEFAULT_CODEC,
     ) -> Calibration:
+        check_codec(complexity_codec, complexity_level)
         scores = _as_scores(calibration_scores)
         threshold = conformal_threshold(scores, target_fpr)
         return cls(
@@ -104,6 +108,7 @@ class Calibration:
             score_samples=score_samples,
             complexity_weight=float(complexity_weight),
             complexity_level=int(complexity_level),
+            complexity_codec=str(complexity_codec),
         )
 
     @property
@@ -126,6 +131,7 @@ class Calibration:
             score_samples=self.score_samples,
             complexity_weight=self.complexity_weight,
             complexity_level=self.complexity_level,
+            complexity_codec=self.complexity_codec,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +140,8 @@ class Calibration:
             "score_samples": self.score_samples,
             "complexity_weight": self.complexity_weight,
             "complexity_level": self.complexity_level,
+            "complexity_codec": self.complexity_codec,
+            "complexity_codec_version": codec_version(self.complexity_codec),
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
@@ -152,7 +160,10 @@ class Calibration:
             score_samples=int(d.get("score_samples", 1)),
             complexity_weight=float(d.get("complexity_weight", 0.0)),
             complexity_level=int(d.get("complexity_level", 1)),
+            # calibrations written before the codec was recorded used the standard zlib
+            complexity_codec=str(d.get("complexity_codec", "zlib")),
         )
+        check_codec(cal.complexity_codec, cal.complexity_level)
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")
         return cal

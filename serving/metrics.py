@@ -58,6 +58,32 @@ def score_buckets(cal: Calibration) -> tuple[float, ...]:
     return tuple(edges)
 
 
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every v, in one pass: one increment per touched bucket.
+
+    Observing 1,000 scores one by one costs ~5 ms in multiprocess mode (each ``inc`` writes to a
+    memory-mapped file); counting them with numpy first costs a few microseconds. This reads
+    prometheus_client's histogram fields (``_upper_bounds``, ``_buckets``, ``_sum``), stable
+    since 0.4; a test checks the result equals observing one by one, and without those fields it
+    falls back to that.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in np.asarray(values, dtype=np.float64).tolist():
+            histogram.observe(v)
+        return
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return
+    index = np.searchsorted(np.asarray(bounds), v, side="left")  # first bound >= v
+    counts = np.bincount(index[index < len(bounds)], minlength=len(bounds))  # NaN: no bucket
+    total.inc(float(v.sum()))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -153,8 +179,7 @@ class Metrics:
         self.scored.inc(len(scores))
         self.anomalies.inc(int(flags.sum()))
         if self.score is not None:
-            for s in scores.tolist():
-                self.score.observe(s)
+            observe_many(self.score, scores)
 
     def exposition(self) -> tuple[bytes, str]:
         if multiprocess_enabled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from detector.complexity import DEFAULT_CODEC
 from detector.detector import Detector
 from detector.model import VAE
 from detector.spec import InputSpec
@@ -23,6 +24,7 @@ def calibrate(
     score_samples: int = 1,
     complexity_weight: float = 0.0,
     complexity_level: int = 1,
+    complexity_codec: str = DEFAULT_CODEC,
     device: str = "cpu",
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
@@ -33,6 +35,7 @@ def calibrate(
         samples=score_samples,
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
+        complexity_codec=complexity_codec,
     )["score"]
     return Calibration.fit(
         scores,
@@ -41,4 +44,5 @@ def calibrate(
         score_samples=score_samples,
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
+        complexity_codec=complexity_codec,
     )

@@ -800,6 +800,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VAEAnomalyError as e:
         sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
         return EXIT_FAILURE
+    except OSError as e:  # a file we could not read or write: name it, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        sys.stderr.write(f"{PROG}: error: {_one_line(e.strerror or e)}{where}\n")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -16,6 +16,7 @@ import numpy.typing as npt
 import torch
 
 from detector import artifact
+from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError
 from detector.model import VAE, VAEConfig
@@ -66,7 +67,8 @@ class CalibrationOptions:
     # None = auto: 1 (Serra et al.'s correction, both terms in nats) for data with a known value
     # range such as images, 0 for real-valued features.
     complexity_weight: float | None = None
-    complexity_level: int = 1  # zlib level of the complexity term
+    complexity_level: int = DEFAULT_LEVEL  # compression level of the complexity term
+    complexity_codec: str = DEFAULT_CODEC  # its compressor (detector.complexity.CODECS)
 
     def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
         if self.complexity_weight is None:
@@ -197,6 +199,7 @@ def train_detector(
         score_samples=cal_opts.score_samples,
         complexity_weight=complexity_weight,
         complexity_level=cal_opts.complexity_level,
+        complexity_codec=cal_opts.complexity_codec,
         device=str(device),
     )
     metrics = {

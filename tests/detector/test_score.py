@@ -34,25 +34,45 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     assert (plain["complexity"] == 0).all()
 
 
-def test_complexity_is_the_zlib_code_length_in_nats() -> None:
+def test_complexity_is_the_code_length_in_nats_for_each_codec() -> None:
     import math
     import zlib
+
+    from zlib_ng import zlib_ng
 
     from detector.complexity import complexity_nats
 
     blank = np.zeros((1, 64), np.float32)
     noise = np.random.default_rng(0).uniform(0, 1, (1, 64)).astype(np.float32)
     q = np.clip(np.rint(noise * 255), 0, 255).astype(np.uint8)
-    for level in (1, 9):
-        got = complexity_nats(np.concatenate([blank, noise]), level=level)
-        assert got[0] == len(zlib.compress(bytes(64), level)) * 8 * math.log(2)
-        assert got[1] == len(zlib.compress(q.tobytes(), level)) * 8 * math.log(2)
-        assert got[1] > got[0]  # noise is complex, a blank image is simple
-    many = np.random.default_rng(1).uniform(0, 1, (600, 64))  # the threaded path
+    for codec, compress in (("zlib-ng", zlib_ng.compress), ("zlib", zlib.compress)):
+        for level in (1, 9):
+            got = complexity_nats(np.concatenate([blank, noise]), level=level, codec=codec)
+            assert got[0] == len(compress(bytes(64), level)) * 8 * math.log(2)
+            assert got[1] == len(compress(q.tobytes(), level)) * 8 * math.log(2)
+            assert got[1] > got[0]  # noise is complex, a blank image is simple
+    many = np.random.default_rng(1).uniform(0, 1, (600, 64))
     np.testing.assert_array_equal(
         complexity_nats(many),
         np.concatenate([complexity_nats(many[:100]), complexity_nats(many[100:])]),
     )
+
+
+def test_unknown_complexity_codec_is_a_config_error() -> None:
+    from detector.complexity import complexity_nats
+    from detector.errors import ConfigError
+    from detector.threshold import Calibration
+
+    with pytest.raises(ConfigError, match="unknown complexity codec 'lzma'"):
+        complexity_nats(np.zeros((1, 4)), codec="lzma")
+    with pytest.raises(ConfigError, match="complexity level must be 0-9"):
+        Calibration.fit(np.arange(200.0), 0.05, complexity_level=12)
+    saved = Calibration.fit(np.arange(200.0), 0.05).to_dict()
+    assert saved["complexity_codec"] == "zlib-ng"
+    old = {k: v for k, v in saved.items() if k != "complexity_codec"}
+    assert Calibration.from_dict(old).complexity_codec == "zlib"  # older artifacts
+    with pytest.raises(ConfigError, match="unknown complexity codec"):
+        Calibration.from_dict({**saved, "complexity_codec": "brotli"})
 
 
 def test_scores_are_batch_invariant_and_repeatable(trained: TrainOutcome, digits: Dataset) -> None:
