@@ -36,16 +36,25 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
         raise
 
 
+class OutputExistsError(FileExistsError):
+    """The output exists and overwriting was not asked for."""
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it replaces ``path`` in one rename.
 
-    ``FileExistsError`` when ``path`` exists and ``overwrite`` is false (checked before and after
-    the work). On an exception the temporary directory is removed and ``path`` is untouched.
+    ``OutputExistsError`` when ``path`` exists and ``overwrite`` is false (checked before and
+    after the work). On an exception the temporary directory is removed and ``path`` is untouched.
     """
     target = Path(path)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {target}: {parent} is not a directory")
+            break
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(mode=0o755)
@@ -62,7 +71,7 @@ def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(tmp, target)
         return
     if not overwrite:  # appeared while we were writing
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(target, old)
     try:

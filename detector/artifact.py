@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from detector._io import atomic_directory, write_json
+from detector._io import OutputExistsError, atomic_directory, write_json
 from detector.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -126,7 +126,7 @@ def save(
                     "files": files,
                 },
             )
-    except FileExistsError:
+    except OutputExistsError:
         raise ArtifactError(
             f"{target} already exists; pass overwrite=True (--overwrite) to replace"
         ) from None

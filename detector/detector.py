@@ -17,7 +17,7 @@ import torch
 
 from detector import artifact as _artifact
 from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL, complexity_nats
-from detector.errors import ConfigError, NotCalibratedError
+from detector.errors import ConfigError, InputError, NotCalibratedError
 from detector.model import VAE
 from detector.score import ScoreParts, elbo_score, score_batch, score_definition
 from detector.spec import InputSpec, validate_samples
@@ -143,7 +143,10 @@ class Detector:
 
     @property
     def score_definition(self) -> str:
-        return score_definition(self.calibration.complexity_weight if self.calibration else 0.0)
+        cal = self.calibration
+        if cal is None:
+            return score_definition(0.0)
+        return score_definition(cal.complexity_weight, cal.complexity_codec, cal.complexity_level)
 
     def _calibration(self) -> Calibration:
         if self.calibration is None:
@@ -253,6 +256,28 @@ class Detector:
             params, _, _ = self.model(xb)
             outs.append(self.model.mean_prediction(params).float().cpu().numpy())
         return np.concatenate(outs).reshape(arr.shape)
+
+    @torch.no_grad()
+    def encode(self, x: Any) -> npt.NDArray[np.float32]:
+        """Posterior means E[z | x]: (N, latent_dim)."""
+        arr = validate_samples(x, self.input_spec)
+        outs = []
+        for start in range(0, arr.shape[0], self.batch_size):
+            xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+            mu, _ = self.model.encode(xb.reshape(xb.shape[0], *self.model.config.input_shape))
+            outs.append(mu.float().cpu().numpy())
+        return np.concatenate(outs)
+
+    @torch.no_grad()
+    def decode(self, z: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Expected samples decoded from latent codes ``z`` (N, latent_dim), shaped like inputs."""
+        zt = torch.as_tensor(np.asarray(z, dtype=np.float32), device=self.device)
+        if zt.ndim != 2 or zt.shape[1] != self.model.config.latent_dim:
+            raise InputError(
+                f"latent codes must be (N, {self.model.config.latent_dim}), got {tuple(zt.shape)}"
+            )
+        out = self.model.mean_prediction(self.model.decode(zt)).float().cpu().numpy()
+        return out.reshape(len(out), *self.input_spec.shape)
 
     def _elbo_graph(self) -> torch.jit.ScriptModule:
         """The ELBO score traced into one TorchScript graph: the same ops as ``elbo_score``, run

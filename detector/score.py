@@ -39,7 +39,7 @@ SCORE_DEFINITION = (
 )
 
 
-def score_definition(complexity_weight: float = 0.0) -> str:
+def score_definition(complexity_weight: float = 0.0, codec: str = "zlib-ng", level: int = 1) -> str:
     """The score's definition in words, for responses and ``info``."""
     if not complexity_weight:
         return SCORE_DEFINITION
@@ -47,8 +47,8 @@ def score_definition(complexity_weight: float = 0.0) -> str:
     return (
         f"score = reconstruction + kl - {w}complexity in nats (higher = more anomalous): the -ELBO "
         "corrected for input complexity (Serra et al., ICLR 2020); reconstruction = -log p(x|z) at "
-        "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = zlib code length of the "
-        "8-bit input"
+        "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = DEFLATE code length "
+        f"({codec} level {level}) of the 8-bit input"
     )
 
 

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--complexity-weight",
         type=float,
-        help="subtract this times the input's zlib code length (nats) from the -ELBO (Serra et al. "
+        help="subtract this times the input's DEFLATE code length (nats) from the -ELBO (Serra et al. "
         "2020); default: 1 for data with a value range (images), 0 otherwise",
     )
     g = tr.add_argument_group("output")
@@ -303,6 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
     ev.add_argument("--out", help="JSON report path (default: <model>.evaluation.json)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    # -- report -------------------------------------------------------------------------------
+    rp = sub.add_parser(
+        "report",
+        help="an HTML page of figures: what the model learned, why it flagged what it flagged",
+        description="Score data with an artifact and write a self-contained report directory: "
+        "index.html and PNG figures (training curves; score distribution with the threshold; ROC "
+        "and precision-recall curves; the most anomalous / most normal samples, false positives "
+        "and false negatives beside their reconstructions and per-pixel error heat maps; the "
+        "latent space; samples from the prior; a latent interpolation; AUROC per class). Data "
+        "as for evaluate; --data without --labels gives the figures that need no labels.",
+        formatter_class=fmt,
+    )
+    rp.add_argument("--model", required=True, help="artifact directory")
+    rp.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
+    rp.add_argument("--data", help=".npy / .csv samples (instead of --dataset)")
+    rp.add_argument(
+        "--labels", help="optional labels for --data (0/1, or classes with --normal-class)"
+    )
+    rp.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
+    rp.add_argument("--data-dir", help="folder with MNIST IDX files")
+    rp.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
+    rp.add_argument("--examples", type=_positive_int, default=8, help="samples per gallery")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    rp.add_argument("--out", help="report directory (default: <model>.report)")
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    rp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
     # -- score --------------------------------------------------------------------------------
     sc = sub.add_parser(
@@ -573,25 +600,28 @@ def _load_labels(path: str, n: int) -> np.ndarray:
     return y
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from detector._io import write_json
-    from detector.detector import Detector
-    from training.data import load_array, load_dataset
-    from training.evaluate import evaluate, format_report
+def _labelled_data(
+    args: argparse.Namespace, det: Any, *, need_labels: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]:
+    """The data of ``evaluate`` and ``report``: (x, is_anomaly, class labels, description).
 
-    det = Detector.load(args.model, device=args.device)
-    out = Path(args.out) if args.out else Path(str(Path(args.model)) + ".evaluation.json")
-    if args.target_fpr is not None:
-        det = det.with_target_fpr(args.target_fpr)
+    A built-in data set's test split, one-vs-rest on the artifact's normal class (the default), or
+    ``--data`` with ``--labels`` (0/1, or class labels with ``--normal-class``); ``report`` also
+    takes ``--data`` alone.
+    """
+    from training.data import load_array, load_dataset
+
     provenance = det.metadata.get("config", {}).get("data", {})
-    labels = None
     if args.data:
         if args.dataset:
             raise InputError("give --dataset or --data, not both")
-        if not args.labels:
-            raise InputError("--data needs --labels (1 = anomalous, 0 = normal)")
         x = load_array(args.data)
+        if not args.labels:
+            if need_labels:
+                raise InputError("--data needs --labels (1 = anomalous, 0 = normal)")
+            return x, None, None, args.data
         y = _load_labels(args.labels, x.shape[0])
+        labels = None
         if args.normal_class is not None:
             labels = y.astype(np.int64)
             y = (labels != args.normal_class).astype(np.int64)
@@ -599,31 +629,72 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise DataError(
                 f"{args.labels}: labels must be 0 (normal) or 1 (anomalous); for class labels pass --normal-class"
             )
-        source = args.data
-    else:
-        name = args.dataset or provenance.get("dataset")
-        if name not in ("mnist", "digits"):
-            raise InputError(
-                "this artifact was not trained on a built-in data set: pass --data and --labels"
-            )
-        c = args.normal_class if args.normal_class is not None else provenance.get("normal_class")
-        if c is None:
-            raise InputError("no normal class: pass --normal-class")
-        ds = load_dataset(name, args.data_dir)
-        assert ds.x_test is not None and ds.y_test is not None and ds.y_train is not None
-        if c not in ds.classes:
-            raise DataError(
-                f"normal class {c} is not a class of {name} (classes {ds.classes[0]}-{ds.classes[-1]})"
-            )
-        x, labels = ds.x_test, ds.y_test
-        y = (labels != c).astype(np.int64)
-        source = f"{name} test split, normal class {c}"
+        return x, y, labels, args.data
+    name = args.dataset or provenance.get("dataset")
+    if name not in ("mnist", "digits"):
+        raise InputError(
+            "this artifact was not trained on a built-in data set: pass --data"
+            + (" and --labels" if need_labels else "")
+        )
+    c = args.normal_class if args.normal_class is not None else provenance.get("normal_class")
+    if c is None:
+        raise InputError("no normal class: pass --normal-class")
+    ds = load_dataset(name, args.data_dir)
+    assert ds.x_test is not None and ds.y_test is not None and ds.y_train is not None
+    if c not in ds.classes:
+        raise DataError(
+            f"normal class {c} is not a class of {name} (classes {ds.classes[0]}-{ds.classes[-1]})"
+        )
+    labels = ds.y_test
+    return ds.x_test, (labels != c).astype(np.int64), labels, f"{name} test split, normal class {c}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detector._io import write_json
+    from detector.detector import Detector
+    from training.evaluate import evaluate, format_report
+
+    det = Detector.load(args.model, device=args.device)
+    out = Path(args.out) if args.out else Path(str(Path(args.model)) + ".evaluation.json")
+    if args.target_fpr is not None:
+        det = det.with_target_fpr(args.target_fpr)
+    x, y, labels, source = _labelled_data(args, det, need_labels=True)
+    assert y is not None
     res = evaluate(det, x, y, labels=labels)
     res["data"] = source
     _out(f"evaluation of {args.model} on {source}")
     _out(format_report(res))
     write_json(out, res)
     _out(f"report written to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from detector.detector import Detector
+    from training.report import build
+
+    det = Detector.load(args.model, device=args.device)
+    out = Path(args.out) if args.out else Path(str(Path(args.model)) + ".report")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
+    if args.target_fpr is not None:
+        det = det.with_target_fpr(args.target_fpr)
+    x, y, labels, source = _labelled_data(args, det, need_labels=False)
+    rep = build(
+        det,
+        x,
+        out,
+        is_anomaly=y,
+        labels=labels,
+        source=source,
+        examples=args.examples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    _out(f"report of {args.model} on {source}: {len(rep.figures)} figures")
+    for name, why in rep.skipped.items():
+        _out(f"  not drawn: {name} ({why})")
+    _out(f"open {rep.path}")
     return 0
 
 
@@ -785,6 +856,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "loadtest": cmd_loadtest,
     "benchmark": cmd_benchmark,
+    "report": cmd_report,
 }
 
 
@@ -801,15 +873,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
         return EXIT_FAILURE
     except OSError as e:  # a file we could not read or write: name it, no traceback
-        where = f": {e.filename}" if e.filename else ""
-        sys.stderr.write(f"{PROG}: error: {_one_line(e.strerror or e)}{where}\n")
+        if e.strerror and e.filename:  # raised by the OS: "Permission denied: /path"
+            sys.stderr.write(f"{PROG}: error: {_one_line(e.strerror)}: {e.filename}\n")
+        else:  # raised by us with a message
+            sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 
 

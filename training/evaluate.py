@@ -65,12 +65,21 @@ def evaluate(
         "mean_score_anomalous": float(result.score[y].mean()),
     }
     if labels is not None:
-        lab = np.asarray(labels)
-        per_class = {}
-        for c in sorted(np.unique(lab[y]).tolist()):
-            mask = ~y | (lab == c)
-            per_class[str(c)] = float(roc_auc_score(y[mask], result.score[mask]))
-        out["auroc_vs_class"] = per_class
+        out["auroc_vs_class"] = auroc_per_class(result.score, y, labels)
+    return out
+
+
+def auroc_per_class(
+    scores: npt.ArrayLike, is_anomaly: npt.ArrayLike, labels: npt.ArrayLike
+) -> dict[str, float]:
+    """AUROC of the normal samples against the anomalies of each class alone."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(is_anomaly).astype(bool)
+    lab = np.asarray(labels)
+    out = {}
+    for c in sorted(np.unique(lab[y]).tolist()):
+        mask = ~y | (lab == c)
+        out[str(c)] = float(roc_auc_score(y[mask], s[mask]))
     return out
 
 
