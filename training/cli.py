@@ -334,24 +334,69 @@ def build_parser() -> argparse.ArgumentParser:
     # -- score --------------------------------------------------------------------------------
     sc = sub.add_parser(
         "score",
-        help="score samples in a .npy file",
-        description="Score every sample of a .npy file (N x features, or N x C x H x W) and write "
-        "one row per sample: index, score (-ELBO, higher = more anomalous), reconstruction, kl, "
-        "p_value, is_anomaly. Output .csv or .npy (structured), written atomically.",
+        help="score files (.npy, .csv, .parquet) into a .csv or .parquet file, streaming",
+        description="Score every row of the input files with an artifact and write one output "
+        "row per input row: source, row (0-based within its file), the id and pass-through "
+        "columns, score (higher = more anomalous), reconstruction, kl, complexity, p_value, "
+        "is_anomaly. Inputs are read and scored in chunks, so memory does not grow with their "
+        "size. The output, a rejects file (--on-error skip) and a JSON summary beside it "
+        "(OUTPUT stem + .summary.json) appear only when the run completes. CSV: header "
+        "optional; feature columns are all but the id and pass-through columns; a file with "
+        "one column more than the model's features (MNIST layout: label, pixel0..pixel783) has "
+        "its first column passed through as the label.",
         formatter_class=fmt,
     )
     sc.add_argument("--model", required=True, help="artifact directory")
-    sc.add_argument("input", help=".npy file of samples")
-    sc.add_argument("--out", required=True, help="output file (.csv or .npy)")
+    sc.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".npy, .csv or .parquet files or globs"
+    )
+    sc.add_argument("--out", required=True, help="output file (.csv or .parquet)")
     sc.add_argument(
         "--scale",
         type=float,
         default=1.0,
-        help="divide inputs by this first (255 for 8-bit pixels)",
+        help="divide inputs by this first: 255 for 8-bit pixels (MNIST CSV with values 0-255)",
     )
-    sc.add_argument("--batch-size", type=_positive_int, default=512)
+    sc.add_argument("--id-column", help="CSV / Parquet column copied to the output as the row's id")
+    sc.add_argument(
+        "--passthrough",
+        type=lambda v: tuple(c for c in v.split(",") if c),
+        default=(),
+        help="comma-separated columns copied to the output unchanged, e.g. label",
+    )
+    sc.add_argument(
+        "--header",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="CSV header line (auto: a first line that is not all numbers); headerless columns "
+        "are named 0, 1, 2, ...",
+    )
+    sc.add_argument(
+        "--on-error",
+        choices=["stop", "skip"],
+        default="stop",
+        help="a malformed row (wrong column count, not a number, NaN, out of range) stops the "
+        "run, or with skip goes to OUTPUT stem + .rejects.csv with the reason",
+    )
+    sc.add_argument(
+        "--chunk-rows", type=_positive_int, default=8192, help="rows read and scored at once"
+    )
+    sc.add_argument("--batch-size", type=_positive_int, default=2048, help="rows per forward pass")
     sc.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = sc.add_argument_group("scale-out (pip install 'vae-anomaly[ray]')")
+    g.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray Data, one scoring actor per --ray-actors",
+    )
+    g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    g.add_argument("--ray-actors", type=_positive_int, default=2, help="scoring actors")
+    g.add_argument(
+        "--ray-cpus-per-actor", type=float, default=1.0, help="CPUs reserved by each actor"
+    )
 
     # -- serve --------------------------------------------------------------------------------
     from serving.settings import Settings
@@ -699,59 +744,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from detector._io import atomic_output
+    import signal
+
     from detector.detector import Detector
+    from serving.batch import BatchOptions, check_output, expand_inputs, score_files
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".csv", ".npy"):
-        raise InputError(f"--out {out}: unsupported output type; use .csv or .npy")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
-    if not args.scale > 0:
-        raise InputError(f"--scale must be > 0, got {args.scale}")
-    src = Path(args.input)
-    if src.suffix.lower() != ".npy":
-        raise InputError(f"{src}: 'score' reads .npy files (N x features or N x C x H x W)")
-    if not src.is_file():
-        raise DataError(f"{src}: no such file")
-    try:
-        x = np.load(src, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{src} is not a readable .npy array: {e}") from e
-    det = Detector.load(args.model, device=args.device, batch_size=args.batch_size)
-    if x.ndim < 2:
-        raise InputError(f"{src} has shape {x.shape}: expected (N, features) or (N, C, H, W)")
-    chunk = 65536
-    results = []
-    for start in range(0, x.shape[0], chunk):
-        block = np.asarray(x[start : start + chunk], dtype=np.float32) / np.float32(args.scale)
-        # error messages count rows within the block, so name the block when there are several
-        name = str(src) if x.shape[0] <= chunk else f"{src} (rows {start}-{start + len(block) - 1})"
-        results.append(det.score(block, name=name))
-    cols = {k: np.concatenate([r.columns()[k] for r in results]) for k in results[0].columns()}
-    n = cols["score"].shape[0]
-    if out.suffix.lower() == ".csv":
-        import pandas as pd
-
-        df = pd.DataFrame({"index": np.arange(n), **cols})
-        with atomic_output(out, "w") as f:
-            df.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
-    else:
-        rec = np.zeros(
-            n,
-            dtype=[("index", "i8")]
-            + [(k, "f8") for k in ("score", "reconstruction", "kl", "complexity", "p_value")]
-            + [("is_anomaly", "?")],
-        )
-        rec["index"] = np.arange(n)
-        for k, v in cols.items():
-            rec[k] = v
-        with atomic_output(out) as f:
-            np.save(f, rec, allow_pickle=False)
-    flagged = int(cols["is_anomaly"].sum())
-    _out(
-        f"scored {n} samples from {src}: {flagged} flagged ({flagged / n:.2%}) at threshold {det.threshold:.3f}; wrote {out}"
+    opts = BatchOptions(
+        scale=args.scale,
+        id_column=args.id_column,
+        passthrough=args.passthrough,
+        header=args.header,
+        on_error=args.on_error,
+        chunk_rows=args.chunk_rows,
+        overwrite=args.overwrite,
     )
+    opts.validate()
+    out = Path(args.out)
+    check_output(out, args.overwrite)
+    files = expand_inputs(args.inputs)
+
+    def _terminate(signum: int, _frame: Any) -> None:  # kill / docker stop: clean up, then exit
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    progress = False if args.no_progress else None
+    if args.engine == "ray":
+        from serving.batch_ray import score_files_ray
+
+        summary = score_files_ray(
+            args.model,
+            files,
+            out,
+            opts,
+            address=args.address,
+            actors=args.ray_actors,
+            cpus_per_actor=args.ray_cpus_per_actor,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=progress,
+        )
+    else:
+        det = Detector.load(args.model, device=args.device, batch_size=args.batch_size)
+        summary = score_files(det, files, out, opts, progress=progress)
+    for line in summary.lines():
+        _out(line)
     return 0
 
 
