@@ -60,6 +60,31 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
 
+def check_batch_shape(shape: tuple[int, ...], spec: InputSpec, name: str = "X") -> None:
+    """Raise InputError unless ``shape`` is a non-empty batch of samples the model takes."""
+    expected = f"(N, {spec.n_features})" + (
+        f" or (N, {', '.join(map(str, spec.shape))})" if len(spec.shape) > 1 else ""
+    )
+    if len(shape) < 2:
+        raise InputError(
+            f"{name} has shape {shape}: expected a batch shaped {expected}; "
+            "wrap a single sample as x[None]"
+        )
+    if shape[0] == 0:
+        raise InputError(f"{name} is empty: no samples to score")
+    features = math.prod(shape[1:])
+    if features != spec.n_features:
+        raise InputError(
+            f"{name} has {features} features per sample (shape {shape}), but the model is "
+            f"expecting {spec.n_features} (input shape {spec.shape_str()})"
+        )
+    if len(shape) > 2 and _squeezed(shape[1:]) != _squeezed(spec.shape):
+        raise InputError(
+            f"{name} has sample shape {tuple(shape[1:])}, but the model is expecting "
+            f"{spec.shape} (size-1 axes optional) or a flat vector of {spec.n_features}"
+        )
+
+
 def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np.float32]:
     """Return ``x`` as a float32 array shaped (N, *spec.shape), or raise InputError."""
     try:
@@ -72,28 +97,8 @@ def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np
         raise InputError(f"{name} must hold numbers, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    expected = f"(N, {spec.n_features})" + (
-        f" or (N, {', '.join(map(str, spec.shape))})" if len(spec.shape) > 1 else ""
-    )
-    if arr.ndim < 2:
-        raise InputError(
-            f"{name} has shape {arr.shape}: expected a batch shaped {expected}; "
-            "wrap a single sample as x[None]"
-        )
+    check_batch_shape(arr.shape, spec, name)
     n = arr.shape[0]
-    if n == 0:
-        raise InputError(f"{name} is empty: no samples to score")
-    features = math.prod(arr.shape[1:])
-    if features != spec.n_features:
-        raise InputError(
-            f"{name} has {features} features per sample (shape {arr.shape}), but the model is "
-            f"expecting {spec.n_features} (input shape {spec.shape_str()})"
-        )
-    if arr.ndim > 2 and _squeezed(arr.shape[1:]) != _squeezed(spec.shape):
-        raise InputError(
-            f"{name} has sample shape {tuple(arr.shape[1:])}, but the model is expecting "
-            f"{spec.shape} (size-1 axes optional) or a flat vector of {spec.n_features}"
-        )
     out = np.ascontiguousarray(arr.reshape(n, *spec.shape), dtype=np.float32)
     finite = np.isfinite(out.reshape(n, -1)).all(axis=1)
     if not finite.all():

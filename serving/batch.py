@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from detector._io import atomic_output, write_json
 from detector.detector import Detector
 from detector.errors import DataError, InputError
-from detector.spec import RANGE_TOLERANCE, InputSpec, validate_samples
+from detector.spec import RANGE_TOLERANCE, InputSpec, check_batch_shape
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 # -- row checks shared by every reader ----------------------------------------------------------
 def _bad_rows(
-    x: npt.NDArray[np.float32], spec: InputSpec
+    x: npt.NDArray[np.float32], spec: InputSpec, scale: float = 1.0
 ) -> tuple[npt.NDArray[np.bool_], list[str]]:
     """Rows that are not finite or lie outside the model's input range, and why."""
     finite = np.isfinite(x)
@@ -194,7 +194,11 @@ def _bad_rows(
         else:
             lo, hi = spec.value_range  # type: ignore[misc]
             v = x[i]
-            hint = " (8-bit values? pass --scale 255)" if hi <= 1.0 and v.max() > 1.0 else ""
+            hint = (
+                " (8-bit values? pass --scale 255)"
+                if scale == 1.0 and hi <= 1.0 and v.max() > 1.0
+                else ""
+            )
             reasons.append(
                 f"values outside the model's input range [{lo:g}, {hi:g}] (min {float(v.min()):g}, "
                 f"max {float(v.max()):g}){hint}"
@@ -266,11 +270,9 @@ def _read_npy(
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path} is not a readable .npy array: {e}") from e
-    if arr.ndim < 2 or arr.shape[0] == 0:
-        raise InputError(f"{path} has shape {arr.shape}: expected (N, features) or (N, C, H, W)")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise InputError(f"{path} must hold numbers, got dtype {arr.dtype}")
-    validate_samples(np.zeros((1, *arr.shape[1:]), np.float32), spec, name=str(path))  # shape
+    check_batch_shape(arr.shape, spec, name=str(path))
     if opts.id_column or opts.passthrough:
         raise InputError(
             f"{path}: .npy files have no columns; --id-column / --passthrough need CSV or Parquet"
@@ -283,11 +285,17 @@ def _read_npy(
         if opts.scale != 1.0:
             x = x / np.float32(opts.scale)
         rows = np.arange(begin, begin + len(x), dtype=np.int64)
-        yield _screen(Block(str(path), rows, x), spec, rejects, lambda r: f"row {r}")
+        yield _screen(Block(str(path), rows, x), spec, rejects, lambda r: f"row {r}", opts.scale)
 
 
-def _screen(block: Block, spec: InputSpec, rejects: _Rejects, where: Callable[[int], str]) -> Block:
-    bad, reasons = _bad_rows(block.x, spec)
+def _screen(
+    block: Block,
+    spec: InputSpec,
+    rejects: _Rejects,
+    where: Callable[[int], str],
+    scale: float = 1.0,
+) -> Block:
+    bad, reasons = _bad_rows(block.x, spec, scale)
     if not bad.any():
         return block
     for i, reason in zip(np.flatnonzero(bad).tolist(), reasons, strict=True):
@@ -327,7 +335,9 @@ def _read_parquet(
         if opts.scale != 1.0:
             x = x / np.float32(opts.scale)
         extra = {c: batch.column(c) for c in cols.extra}
-        yield _screen(Block(str(path), rows, x, extra), spec, rejects, lambda r: f"row {r}")
+        yield _screen(
+            Block(str(path), rows, x, extra), spec, rejects, lambda r: f"row {r}", opts.scale
+        )
         start += n
 
 
@@ -415,7 +425,7 @@ class _CSVReader:
         x = np.column_stack([col.to_numpy() for col in feats])
         if self.opts.scale != 1.0:
             x = x / np.float32(self.opts.scale)
-        if _bad_rows(x, self.spec)[0].any():
+        if _bad_rows(x, self.spec, self.opts.scale)[0].any():
             return None
         extra = {c: table.column(c).combine_chunks() for c in self.cols.extra}
         for c, v in extra.items():
@@ -456,7 +466,7 @@ class _CSVReader:
                     break
             else:
                 v = np.asarray(values, dtype=np.float32)[None, :] / np.float32(self.opts.scale)
-                bad, reasons = _bad_rows(v, self.spec)
+                bad, reasons = _bad_rows(v, self.spec, self.opts.scale)
                 if bad[0]:
                     self.rejects.add(self.source, where, reasons[0])
                     continue

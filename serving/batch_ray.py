@@ -45,6 +45,7 @@ from serving.batch import (
 log = logging.getLogger(__name__)
 
 NPY_TASK_ROWS = 65536  # rows of an NPY file per read task
+READ_CPUS = 0  # see the read step below
 
 
 def _import_ray() -> Any:
@@ -224,6 +225,10 @@ def score_files_ray(
             },
             batch_size=1,
             batch_format="numpy",
+            # Reads reserve no CPU: every CPU can then hold a scoring actor, and the
+            # differing resources keep Ray from fusing the read into the actors, so the blocks of
+            # one file spread over all actors.
+            num_cpus=READ_CPUS,
         )
         ds = ds.map_batches(
             _ScoreActor,
@@ -235,7 +240,7 @@ def score_files_ray(
             },
             batch_size=None,
             batch_format="pyarrow",
-            concurrency=actors,
+            concurrency=(1, actors),  # an actor pool that grows to `actors` as blocks queue up
             num_cpus=cpus_per_actor,
             num_gpus=1 if device.startswith("cuda") else 0,
         )
