@@ -50,7 +50,7 @@ INPUT_SUFFIXES = (".npy", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 RESULT_COLUMNS = ("score", "reconstruction", "kl", "complexity", "p_value", "is_anomaly")
 DEFAULT_CHUNK_ROWS = 8192
-CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text parsed at once (about 4,000 MNIST rows)
+CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text parsed at once (about 4,500 MNIST rows)
 
 
 @dataclass(frozen=True)
@@ -265,27 +265,50 @@ def _read_npy(
     start: int = 0,
     stop: int | None = None,
 ) -> Iterator[Block]:
-    """Rows ``start:stop`` of an NPY file (memory-mapped), in chunks."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    """Rows ``start:stop`` of an NPY file, in chunks read with plain reads (not a memory map,
+    whose touched pages would count as the process's resident memory)."""
+    try:  # a memory map only to read the header: shape, dtype, layout and data offset
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path} is not a readable .npy array: {e}") from e
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise InputError(f"{path} must hold numbers, got dtype {arr.dtype}")
-    check_batch_shape(arr.shape, spec, name=str(path))
+    shape, dtype = header.shape, header.dtype
+    fortran = header.ndim > 1 and not header.flags.c_contiguous
+    offset = int(getattr(header, "offset", 0))
+    del header
+    if (
+        len(shape) < 1
+        or dtype.hasobject
+        or not (np.issubdtype(dtype, np.number) or dtype == np.bool_)
+    ):
+        raise InputError(f"{path} must hold numbers, got dtype {dtype}")
+    check_batch_shape(tuple(shape), spec, name=str(path))
     if opts.id_column or opts.passthrough:
         raise InputError(
             f"{path}: .npy files have no columns; --id-column / --passthrough need CSV or Parquet"
         )
-    n = arr.shape[0] if stop is None else min(stop, arr.shape[0])
-    for begin in range(start, n, opts.chunk_rows):
-        x = np.array(arr[begin : min(n, begin + opts.chunk_rows)], dtype=np.float32).reshape(
-            -1, spec.n_features
+    row_items = math.prod(shape[1:])
+    n = shape[0] if stop is None else min(stop, shape[0])
+    expected = offset + shape[0] * row_items * dtype.itemsize
+    if path.stat().st_size < expected:
+        raise DataError(
+            f"{path} is truncated: {path.stat().st_size} bytes, its header needs {expected}"
         )
-        if opts.scale != 1.0:
-            x = x / np.float32(opts.scale)
-        rows = np.arange(begin, begin + len(x), dtype=np.int64)
-        yield _screen(Block(str(path), rows, x), spec, rejects, lambda r: f"row {r}", opts.scale)
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False) if fortran else None
+    with open(path, "rb") as f:
+        for begin in range(start, n, opts.chunk_rows):
+            count = min(n, begin + opts.chunk_rows) - begin
+            if mapped is not None:  # Fortran order: rows are not contiguous on disk
+                raw = np.array(mapped[begin : begin + count])
+            else:
+                f.seek(offset + begin * row_items * dtype.itemsize)
+                raw = np.fromfile(f, dtype=dtype, count=count * row_items)
+            x = raw.reshape(count, row_items).astype(np.float32, copy=False)
+            if opts.scale != 1.0:
+                x = x / np.float32(opts.scale)
+            rows = np.arange(begin, begin + count, dtype=np.int64)
+            yield _screen(
+                Block(str(path), rows, x), spec, rejects, lambda r: f"row {r}", opts.scale
+            )
 
 
 def _screen(
@@ -392,11 +415,18 @@ class _CSVReader:
 
     def _parse(self, text: bytes, first_line: int, first_row: int) -> Iterator[Block]:
         """Rows of ``text`` (whole lines starting at line ``first_line``) in blocks."""
-        nonblank = sum(1 for ln in text.splitlines() if ln.strip())
+        # lines pyarrow reads as rows: all but the empty ones (whitespace-only lines fail the fast
+        # path, and the slow path skips them too)
+        if b"\n\n" in text or b"\n\r\n" in text or text[:1] in (b"\n", b"\r"):
+            nonblank = sum(1 for ln in text.splitlines() if ln)  # rare: empty lines
+        else:
+            nonblank = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
         block = self._fast(text, first_row, nonblank)
         if block is None:
-            block = self._slow(text, first_line, first_row)
-        self._row_after = first_row + nonblank
+            block, consumed = self._slow(text, first_line, first_row)
+        else:
+            consumed = len(block.rows)
+        self._row_after = first_row + consumed
         for s in range(0, len(block.rows), self.opts.chunk_rows):
             part = slice(s, s + self.opts.chunk_rows)
             yield Block(
@@ -422,7 +452,12 @@ class _CSVReader:
         feats = [table.column(c) for c in self.cols.features]
         if any(col.null_count for col in feats):
             return None
-        x = np.column_stack([col.to_numpy() for col in feats])
+        x = np.vstack(  # row-major straight from Arrow (4x faster than stacking columns)
+            [
+                np.asarray(b.to_tensor(row_major=True))
+                for b in table.select(self.cols.features).to_batches()
+            ]
+        )
         if self.opts.scale != 1.0:
             x = x / np.float32(self.opts.scale)
         if _bad_rows(x, self.spec, self.opts.scale)[0].any():
@@ -433,7 +468,7 @@ class _CSVReader:
         rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
         return Block(self.source, rows, x.astype(np.float32, copy=False), extra)
 
-    def _slow(self, text: bytes, first_line: int, first_row: int) -> Block:
+    def _slow(self, text: bytes, first_line: int, first_row: int) -> tuple[Block, int]:
         width = len(self.cols.names)
         index = {c: i for i, c in enumerate(self.cols.names)}
         fidx = [index[c] for c in self.cols.features]
@@ -489,7 +524,7 @@ class _CSVReader:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 extra[c] = arr  # mixed values: keep the text
                 self.types[c] = pa.string()
-        return Block(self.source, np.asarray(rows, dtype=np.int64), x, extra)
+        return Block(self.source, np.asarray(rows, dtype=np.int64), x, extra), row - first_row
 
 
 def _is_number(s: str) -> bool:
@@ -699,11 +734,55 @@ def score_files(
     return summary
 
 
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` ahead: reading and parsing the next
+    chunk (pyarrow and file reads release the GIL) overlap with scoring this one. An exception
+    in the reader is raised here, in order; closing this generator stops the reader."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+
+    t = threading.Thread(target=work, name="batch-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def _local(
     detector: Detector, files: list[Path], opts: BatchOptions, rejects: _Rejects
 ) -> Iterator[pa.Table]:
     spec = detector.input_spec
-    for f in files:
-        for block in read_blocks(f, spec, opts, rejects):
-            if len(block.rows):
-                yield score_block(detector, block)
+
+    def blocks() -> Iterator[Block]:
+        for f in files:
+            yield from read_blocks(f, spec, opts, rejects)
+
+    for block in prefetch(blocks(), depth=1):
+        if len(block.rows):
+            yield score_block(detector, block)
