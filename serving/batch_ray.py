@@ -204,7 +204,7 @@ def score_files_ray(
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come out in input order
-        ctx.enable_progress_bars = bool(progress)
+        ctx.enable_progress_bars = False  # the driver draws one bar over the output rows
         opts = {
             "scale": options.scale,
             "id_column": options.id_column,
@@ -260,7 +260,7 @@ def score_files_ray(
                 rejects.add(src, where, reason)
 
         return score_files(
-            detector, files, output, options, progress=False, blocks=tables, engine="ray"
+            detector, files, output, options, progress=progress, blocks=tables, engine="ray"
         )
     finally:
         if started:

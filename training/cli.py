@@ -134,6 +134,17 @@ def _add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
     g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
 
 
+def _add_scored_data_args(p: argparse.ArgumentParser, labels_help: str) -> None:
+    """The model and data options shared by evaluate and report (see ``_labelled_data``)."""
+    p.add_argument("--model", required=True, help="artifact directory")
+    p.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
+    p.add_argument("--data", help=".npy / .csv samples (instead of --dataset)")
+    p.add_argument("--labels", help=labels_help)
+    p.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
+    p.add_argument("--data-dir", help="folder with MNIST IDX files")
+    p.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.calibrate import DEFAULT_TARGET_FPR
     from training.data import ENV_DATA_DIR
@@ -294,13 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --labels (1 = anomalous, 0 = normal; or class labels with --normal-class).",
         formatter_class=fmt,
     )
-    ev.add_argument("--model", required=True, help="artifact directory")
-    ev.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
-    ev.add_argument("--data", help=".npy / .csv test samples (instead of --dataset)")
-    ev.add_argument("--labels", help=".npy / .csv labels for --data")
-    ev.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
-    ev.add_argument("--data-dir", help="folder with MNIST IDX files")
-    ev.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
+    _add_scored_data_args(ev, labels_help=".npy / .csv labels for --data")
     ev.add_argument("--out", help="JSON report path (default: <model>.evaluation.json)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
@@ -316,15 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as for evaluate; --data without --labels gives the figures that need no labels.",
         formatter_class=fmt,
     )
-    rp.add_argument("--model", required=True, help="artifact directory")
-    rp.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
-    rp.add_argument("--data", help=".npy / .csv samples (instead of --dataset)")
-    rp.add_argument(
-        "--labels", help="optional labels for --data (0/1, or classes with --normal-class)"
+    _add_scored_data_args(
+        rp, labels_help="optional labels for --data (0/1, or classes with --normal-class)"
     )
-    rp.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
-    rp.add_argument("--data-dir", help="folder with MNIST IDX files")
-    rp.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")
     rp.add_argument("--examples", type=_positive_int, default=8, help="samples per gallery")
     rp.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
     rp.add_argument("--out", help="report directory (default: <model>.report)")
