@@ -324,6 +324,7 @@ def create_app(
             max_batch_size=settings.max_batch_size,
             max_wait=settings.max_wait_ms / 1000.0,
             on_batch=_on_batch,
+            threads=settings.threads,
         )
         batcher.start()
         app.state.batcher = batcher

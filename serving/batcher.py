@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from detector.detector import Detector
 from serving.errors import ModelNotReady
@@ -40,13 +41,23 @@ class MicroBatcher:
         max_batch_size: int = 64,
         max_wait: float = 0.002,
         on_batch: Callable[[int, float], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         self._get_detector = get_detector
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+        # OpenMP's thread count is per calling thread: set it in the inference thread itself, or
+        # its parallel regions use every core whatever the main thread was told.
+        def init_thread() -> None:
+            if threads:
+                torch.set_num_threads(threads)
+
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="inference", initializer=init_thread
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 

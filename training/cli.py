@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -936,6 +937,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve" and "OMP_WAIT_POLICY" not in os.environ:
+        _reexec_with_passive_openmp(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -954,6 +957,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+
+
+def _reexec_with_passive_openmp(argv: list[str]) -> NoReturn:
+    """Run ``serve`` again in this process with OMP_WAIT_POLICY=PASSIVE.
+
+    OpenMP threads busy-wait after each parallel region by default; in a server that runs a small
+    forward pass per request they spin on the cores the event loop needs (measured: 600-790 vs
+    910-1,270 single-instance requests/s at 8 clients on 2 cores). libgomp reads the variable
+    when torch loads it, which has happened by now, hence the exec. Set the variable yourself
+    (to anything) to keep your own policy.
+    """
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "training.cli", *argv])
 
 
 def _one_line(e: BaseException | str) -> str:
