@@ -32,7 +32,6 @@ from detector.artifact import MANIFEST, REQUIRED_FILES
 from detector.detector import Detector
 from detector.errors import ConfigError, VAEAnomalyError
 from serving.batch import (
-    RESULT_COLUMNS,
     BatchOptions,
     Block,
     Summary,
@@ -288,4 +287,4 @@ def _unwrap(e: BaseException) -> BaseException:
     return VAEAnomalyError(f"Ray scoring failed: {lines[-1] if lines else type(e).__name__}")
 
 
-__all__ = ["RESULT_COLUMNS", "score_files_ray"]
+__all__ = ["score_files_ray"]
