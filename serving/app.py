@@ -287,14 +287,16 @@ def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.N
 
 
 # -- dependencies ---------------------------------------------------------------------------------
-def require_key(request: Request) -> None:
+# Both are ``async def`` on purpose: FastAPI hands a plain ``def`` dependency to a worker thread,
+# and these two do no I/O, so the event loop runs them directly.
+async def require_key(request: Request) -> None:
     """With an API key configured, the request must carry it in X-API-Key."""
     key = request.app.state.settings.api_key
     if key and request.headers.get("x-api-key") != key:
         raise Unauthorized("missing or wrong API key: send header X-API-Key")
 
 
-def current_detector(request: Request) -> Detector:
+async def current_detector(request: Request) -> Detector:
     holder: ModelHolder = request.app.state.holder
     return holder.current()
 
