@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,22 +251,26 @@ class Detector:
     def reconstruct(self, x: Any) -> npt.NDArray[np.float32]:
         """Expected reconstruction at the posterior mean, shaped like the validated input."""
         arr = validate_samples(x, self.input_spec)
-        outs = []
-        for start in range(0, arr.shape[0], self.batch_size):
-            xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
-            params, _, _ = self.model(xb)
-            outs.append(self.model.mean_prediction(params).float().cpu().numpy())
-        return np.concatenate(outs).reshape(arr.shape)
+        return self._per_batch(
+            arr, lambda xb: self.model.mean_prediction(self.model(xb)[0])
+        ).reshape(arr.shape)
 
     @torch.no_grad()
     def encode(self, x: Any) -> npt.NDArray[np.float32]:
         """Posterior means E[z | x]: (N, latent_dim)."""
-        arr = validate_samples(x, self.input_spec)
+        return self._per_batch(
+            validate_samples(x, self.input_spec), lambda xb: self.model.encode(xb)[0]
+        )
+
+    def _per_batch(
+        self, arr: npt.NDArray[np.float32], fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> npt.NDArray[np.float32]:
+        """``fn`` over ``arr`` in batches of ``batch_size`` (shaped as the model's input)."""
+        shape = self.model.config.input_shape
         outs = []
         for start in range(0, arr.shape[0], self.batch_size):
             xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
-            mu, _ = self.model.encode(xb.reshape(xb.shape[0], *self.model.config.input_shape))
-            outs.append(mu.float().cpu().numpy())
+            outs.append(fn(xb.reshape(xb.shape[0], *shape)).float().cpu().numpy())
         return np.concatenate(outs)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ calibration score by accident of rounding. Scores: higher = more anomalous.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -124,15 +124,8 @@ class Calibration:
 
     def with_fpr(self, target_fpr: float) -> Calibration:
         """The same calibration scores, thresholded for another target FPR."""
-        return Calibration.fit(
-            self.scores,
-            target_fpr,
-            score_kind=self.score_kind,
-            score_samples=self.score_samples,
-            complexity_weight=self.complexity_weight,
-            complexity_level=self.complexity_level,
-            complexity_codec=self.complexity_codec,
-        )
+        threshold = conformal_threshold(self.scores, target_fpr)
+        return replace(self, target_fpr=float(target_fpr), threshold=threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return {

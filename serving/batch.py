@@ -393,21 +393,21 @@ class _CSVReader:
                 data = pending + chunk
                 if not chunk:
                     if data.strip():
-                        yield from self._parse(data, next_line, row)
+                        yield from self._chunks(self._parse(data, next_line, row)[0])
                     return
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:  # no full line yet
                     pending = data
                     continue
                 text, pending = data[:cut], data[cut:]
-                yield from self._parse(text, next_line, row)
-                row = self._row_after
+                block, consumed = self._parse(text, next_line, row)
+                yield from self._chunks(block)
+                row += consumed
                 next_line += text.count(b"\n")
 
-    _row_after = 0
-
-    def _parse(self, text: bytes, first_line: int, first_row: int) -> Iterator[Block]:
-        """Rows of ``text`` (whole lines starting at line ``first_line``) in blocks."""
+    def _parse(self, text: bytes, first_line: int, first_row: int) -> tuple[Block, int]:
+        """The good rows of ``text`` (whole lines from line ``first_line``), and how many rows
+        (good or rejected) it held."""
         # lines pyarrow reads as rows: all but the empty ones (whitespace-only lines fail the fast
         # path, and the slow path skips them too)
         if b"\n\n" in text or b"\n\r\n" in text or text[:1] in (b"\n", b"\r"):
@@ -419,7 +419,9 @@ class _CSVReader:
             block, consumed = self._slow(text, first_line, first_row)
         else:
             consumed = len(block.rows)
-        self._row_after = first_row + consumed
+        return block, consumed
+
+    def _chunks(self, block: Block) -> Iterator[Block]:
         for s in range(0, len(block.rows), self.opts.chunk_rows):
             part = slice(s, s + self.opts.chunk_rows)
             yield Block(
