@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -58,9 +59,12 @@ def conformal_threshold(calibration_scores: npt.ArrayLike, fpr: float) -> float:
 def p_values(scores: npt.ArrayLike, calibration_scores: npt.ArrayLike) -> FloatArray:
     """(1 + #{cal >= s}) / (n + 1) for each score s; small p = anomalous."""
     cal = np.sort(_as_scores(calibration_scores))
-    s = np.asarray(scores, dtype=np.float64)
-    n_ge = cal.size - np.searchsorted(cal, s, side="left")  # count of cal >= s
-    return np.asarray((1.0 + n_ge) / (cal.size + 1.0), dtype=np.float64)
+    return _p_values_sorted(np.asarray(scores, dtype=np.float64), cal)
+
+
+def _p_values_sorted(scores: FloatArray, sorted_calibration: FloatArray) -> FloatArray:
+    n_ge = sorted_calibration.size - np.searchsorted(sorted_calibration, scores, side="left")
+    return np.asarray((1.0 + n_ge) / (sorted_calibration.size + 1.0), dtype=np.float64)
 
 
 def _as_scores(values: npt.ArrayLike) -> FloatArray:
@@ -115,8 +119,14 @@ class Calibration:
     def n(self) -> int:
         return len(self.scores)
 
+    @cached_property
+    def _sorted_scores(self) -> FloatArray:
+        # Built once per calibration: p-values are asked for on every request served.
+        return np.sort(_as_scores(self.scores))
+
     def p_values(self, scores: npt.ArrayLike) -> FloatArray:
-        return p_values(scores, self.scores)
+        """(1 + #{calibration scores >= s}) / (n + 1) for each score s: small = anomalous."""
+        return _p_values_sorted(np.asarray(scores, dtype=np.float64), self._sorted_scores)
 
     def flags(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """True where score > threshold (anomalous)."""

@@ -34,9 +34,21 @@ class NotFound(ServingError):
     code = "not_found"
 
 
+class MethodNotAllowed(ServingError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(ServingError):
     status_code = 413
     code = "payload_too_large"
+
+
+class InvalidParameter(ServingError):
+    """A query parameter that is not valid (e.g. ``target_fpr=2``)."""
+
+    status_code = 422
+    code = "invalid_parameter"
 
 
 class UnsupportedMediaType(ServingError):

@@ -38,7 +38,10 @@ def test_health_ready_metadata(client: TestClient, trained: TrainOutcome) -> Non
     assert meta["target_fpr"] == 0.05 and meta["n_calibration"] == trained.detector.calibration.n  # type: ignore[union-attr]
     assert "higher = more anomalous" in meta["score_definition"]
     assert meta["serving"]["max_batch_size"] == 64
-    assert client.get("/openapi.json").json()["paths"]["/score"]["post"]
+    score_doc = client.get("/openapi.json").json()["paths"]["/score"]["post"]
+    assert [p["name"] for p in score_doc["parameters"]] == ["explain", "clip", "target_fpr"]
+    assert set(score_doc["requestBody"]["content"]) == {"application/json", "application/x-npy"}
+    assert {"200", "401", "413", "415", "422", "503"} <= set(score_doc["responses"])
 
 
 def test_readyz_is_503_without_a_model(make_client) -> None:  # type: ignore[no-untyped-def]
@@ -137,6 +140,33 @@ def test_target_fpr_override(client: TestClient, test_images: np.ndarray) -> Non
         "invalid_parameter",
         "below 1/n",
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ("explain=maybe", "explain: expected true or false, got 'maybe'"),
+        ("clip=2", "clip: expected true or false, got '2'"),
+        ("target_fpr=", "target_fpr: expected a number between 0 and 1"),
+        ("target_fpr=nan", "target_fpr: expected a number between 0 and 1"),
+        ("target_fpr=0", "target_fpr: expected a number between 0 and 1"),
+    ],
+)
+def test_bad_query_parameters(client: TestClient, query: str, detail: str) -> None:
+    _error(
+        client.post(f"/score?{query}", json={"instances": [[0.0] * 64]}),
+        422,
+        "invalid_parameter",
+        detail,
+    )
+
+
+@pytest.mark.parametrize("value", ["true", "True", "1", "yes", "on"])
+def test_boolean_query_spellings(client: TestClient, value: str) -> None:
+    r = client.post(f"/score?explain={value}", json={"instances": [[0.0] * 64]})
+    assert r.status_code == 200 and len(r.json()["results"][0]["feature_errors"]) == 64
+    r = client.post("/score?explain=off", json={"instances": [[0.0] * 64]})
+    assert r.status_code == 200 and "feature_errors" not in r.json()["results"][0]
 
 
 def test_out_of_range_rejected_or_clipped(client: TestClient) -> None:
@@ -313,7 +343,9 @@ def test_api_key(make_client) -> None:  # type: ignore[no-untyped-def]
 
 def test_unknown_route_and_method(client: TestClient) -> None:
     _error(client.get("/nope"), 404, "not_found", "Not Found")
-    _error(client.get("/score"), 405, "method_not_allowed", "Method Not Allowed")
+    r = client.get("/score")
+    _error(r, 405, "method_not_allowed", "Method Not Allowed")
+    assert r.headers["allow"] == "POST"
 
 
 def test_internal_error_is_a_generic_500(

@@ -108,8 +108,12 @@ def test_several_workers_report_all_metrics(trained: TrainOutcome) -> None:
     assert trained.path is not None
     with LiveServer(trained.path, "--workers", "2") as srv:
         with httpx.Client(base_url=srv.url, timeout=10) as c:
-            for _ in range(3):  # wait until both workers are up
-                c.get("/readyz")
+            # wait until both workers have their model: 20 fresh connections in a row ready
+            ready, deadline = 0, time.monotonic() + 60
+            while ready < 20 and time.monotonic() < deadline:
+                with httpx.Client(base_url=srv.url, timeout=10) as fresh:
+                    ready = ready + 1 if fresh.get("/readyz").status_code == 200 else 0
+            assert ready == 20, "the workers did not all become ready"
             n = 0
             for _ in range(40):
                 with httpx.Client(
