@@ -75,7 +75,9 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
             histogram.observe(v)
         return
     v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
+    if v.size <= 8:  # a few values: observing each is cheaper than the numpy pass
+        for value in v.tolist():
+            histogram.observe(value)
         return
     index = np.searchsorted(np.asarray(bounds), v, side="left")  # first bound >= v
     counts = np.bincount(index[index < len(bounds)], minlength=len(bounds))  # NaN: no bucket
@@ -151,6 +153,7 @@ class Metrics:
         self.reloads = Counter(
             f"{PREFIX}_model_reloads", "Model reloads by result.", ["result"], registry=r
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         for route in ROUTES:
             method = "GET" if route not in ("/score", "/admin/reload") else "POST"
             self.request_latency.labels(route, method)
@@ -174,6 +177,19 @@ class Metrics:
         self.target_fpr.set(calibration.target_fpr)
         for q in CALIBRATION_QUANTILES:
             self.calibration_quantile.labels(str(q)).set(float(np.quantile(calibration.scores, q)))
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and observe its latency (labelled children cached)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.request_latency.labels(route, method),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_scores(self, scores: np.ndarray, flags: np.ndarray) -> None:
         self.scored.inc(len(scores))
