@@ -63,6 +63,10 @@ def complexity_nats(
     compress = CODECS[codec]
     lo, hi = value_range
     flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-    q = np.clip(np.rint((flat - lo) * np.float32(255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    scale = np.float32(255.0 / (hi - lo))
+    t = flat * scale if lo == 0 else (flat - np.float32(lo)) * scale  # a fresh float32 array
+    np.rint(t, out=t)
+    np.clip(t, 0, 255, out=t)
+    q = t.astype(np.uint8)
     sizes = np.fromiter((len(compress(row.tobytes(), level)) for row in q), np.float64, len(q))
     return sizes * NATS_PER_BYTE
