@@ -416,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--chunk-rows", type=_positive_int, default=8192)
     bb.add_argument("--batch-size", type=_positive_int, default=2048)
     bb.add_argument("--engine", choices=["local", "ray"], default="local")
+    bb.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="runs of each measurement; the best counts, the range is shown",
+    )
 
     # -- serve --------------------------------------------------------------------------------
     from serving.settings import Settings
@@ -822,6 +828,7 @@ def cmd_batch_benchmark(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows,
             batch_size=args.batch_size,
             engine=args.engine,
+            repeats=args.repeats,
         ),
         echo=_out,
     )
