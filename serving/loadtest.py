@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class Result:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    server_cpu_ms_per_request: float | None  # user + system CPU of the server's processes
+    client_cpu_ms_per_request: float  # this load generator's own CPU
 
 
 def _request(port: int, body: bytes, content_type: str) -> bytes:
@@ -121,9 +124,18 @@ async def _client(
     await proto.done
 
 
+@dataclass
+class _Measured:
+    latencies: list[float]
+    errors: list[int]
+    seconds: float
+    server_cpu: float | None
+    client_cpu: float
+
+
 async def _scenario(
-    port: int, payload: bytes, concurrency: int, seconds: float, warmup: float
-) -> tuple[list[float], list[int], float]:
+    port: int, payload: bytes, concurrency: int, seconds: float, warmup: float, server_pid: int
+) -> _Measured:
     if warmup > 0:
         await asyncio.gather(
             *(
@@ -133,30 +145,60 @@ async def _scenario(
         )
     lat: list[float] = []
     errors: list[int] = []
+    server0, client0 = process_tree_cpu(server_pid), time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(
         *(_client(port, payload, t0 + seconds, lat, errors) for _ in range(concurrency))
     )
-    return lat, errors, time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    server1, client1 = process_tree_cpu(server_pid), time.process_time()
+    server = server1 - server0 if server0 is not None and server1 is not None else None
+    return _Measured(lat, errors, elapsed, server, client1 - client0)
 
 
-def _summarise(
-    name: str, conc: int, n_inst: int, lat: list[float], errors: list[int], seconds: float
-) -> Result:
-    a = np.asarray(lat) * 1000
+def process_tree_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and all its descendants (Linux /proc; None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if pid not in stats:
+        return None
+    total, frontier = 0.0, [pid]
+    while frontier:
+        p = frontier.pop()
+        total += stats[p][1]
+        frontier += [c for c, (parent, _) in stats.items() if parent == p]
+    return total
+
+
+def _summarise(name: str, conc: int, n_inst: int, m: _Measured) -> Result:
+    a = np.asarray(m.latencies) * 1000
+    n = max(len(m.latencies), 1)
     return Result(
         scenario=name,
         concurrency=conc,
         instances_per_request=n_inst,
-        requests=len(lat),
-        errors=len(errors),
-        seconds=seconds,
-        requests_per_s=len(lat) / seconds,
-        instances_per_s=len(lat) * n_inst / seconds,
+        requests=len(m.latencies),
+        errors=len(m.errors),
+        seconds=m.seconds,
+        requests_per_s=len(m.latencies) / m.seconds,
+        instances_per_s=len(m.latencies) * n_inst / m.seconds,
         p50_ms=float(np.percentile(a, 50)),
         p90_ms=float(np.percentile(a, 90)),
         p99_ms=float(np.percentile(a, 99)),
         max_ms=float(a.max()),
+        server_cpu_ms_per_request=None if m.server_cpu is None else m.server_cpu * 1000 / n,
+        client_cpu_ms_per_request=m.client_cpu * 1000 / n,
     )
 
 
@@ -213,22 +255,17 @@ def run_loadtest(
     try:
         server.wait_ready()
         loop_policy = _fast_loop()
-        for c in concurrency:
-            lat, err, secs = _run(
-                loop_policy,
-                _scenario(port, _request(port, json_body, "application/json"), c, seconds, warmup),
+        scenarios = [("json, 1 instance", 1, json_body, "application/json", c) for c in concurrency]
+        scenarios += [
+            (f"npy, {npy_instances} instances", npy_instances, npy_body, "application/x-npy", c)
+            for c in npy_concurrency
+        ]
+        for name, n_inst, body, ctype, c in scenarios:
+            request = _request(port, body, ctype)
+            measured = _run(
+                loop_policy, _scenario(port, request, c, seconds, warmup, server.proc.pid)
             )
-            results.append(_summarise("json, 1 instance", c, 1, lat, err, secs))
-            if log:
-                log(_row(results[-1]))
-        for c in npy_concurrency:
-            lat, err, secs = _run(
-                loop_policy,
-                _scenario(port, _request(port, npy_body, "application/x-npy"), c, seconds, warmup),
-            )
-            results.append(
-                _summarise(f"npy, {npy_instances} instances", c, npy_instances, lat, err, secs)
-            )
+            results.append(_summarise(name, c, n_inst, measured))
             if log:
                 log(_row(results[-1]))
     finally:
@@ -261,24 +298,33 @@ def _run(factory: Any, coro: Any) -> Any:
         loop.close()
 
 
-HEADER = f"{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}"
+HEADER = (
+    f"{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}"
+    f"{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}"
+)
+
+
+def _cpu(r: Result) -> str:
+    return "n/a" if r.server_cpu_ms_per_request is None else f"{r.server_cpu_ms_per_request:.2f}"
 
 
 def _row(r: Result) -> str:
     return (
         f"{r.scenario:<24}{r.concurrency:>8}{r.requests:>10}{r.requests_per_s:>10,.0f}{r.instances_per_s:>11,.0f}"
-        f"{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
+        f"{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}{_cpu(r):>19}"
     )
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows = [
-        "| scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
+        cpu = r.get("server_cpu_ms_per_request")
         rows.append(
             f"| {r['scenario']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['instances_per_s']:,.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+            f"{'n/a' if cpu is None else f'{cpu:.2f}'} |"
         )
     return "\n".join(rows)

@@ -488,13 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=float, default=1.0, help="unmeasured seconds before each scenario"
     )
     lt.add_argument(
-        "--concurrency", type=_widths, default=(1, 8, 32), help="clients for the JSON scenarios"
+        "--concurrency",
+        type=_widths,
+        default=(1, 8, 32),
+        help="client counts for the JSON scenarios, comma-separated",
     )
     lt.add_argument(
         "--npy-instances", type=_positive_int, default=1000, help="instances per NPY request"
     )
     lt.add_argument(
-        "--npy-concurrency", type=_widths, default=(1, 4), help="clients for the NPY scenarios"
+        "--npy-concurrency",
+        type=_widths,
+        default=(1, 4),
+        help="client counts for the NPY scenarios, comma-separated",
     )
     lt.add_argument("--workers", type=_positive_int, default=1, help="server worker processes")
     lt.add_argument("--max-wait-ms", type=float, help="server micro-batch wait")

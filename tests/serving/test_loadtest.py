@@ -1,0 +1,79 @@
+"""The load benchmark's own measuring parts: the HTTP client and the CPU accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serving.loadtest import _client, _content_length, process_tree_cpu
+
+
+def test_content_length_is_read_from_any_header_position() -> None:
+    head = b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Length: 17\r\nx-request-id: a"
+    assert _content_length(head) == 17
+    assert _content_length(b"HTTP/1.1 204 No Content\r\nserver: x") == 0
+
+
+def test_client_counts_responses_split_across_packets() -> None:
+    """A server that answers in small pieces: every response is read whole, statuses kept."""
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(5)  # the request body
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            served += 1
+            status = b"200 OK" if served % 3 else b"422 Unprocessable"
+            body = b'{"results": [' + b"1, " * 200 + b"1]}"
+            response = (
+                b"HTTP/1.1 " + status + b"\r\ncontent-length: " + str(len(body)).encode()
+                + b"\r\n\r\n" + body
+            )  # fmt: skip
+            for i in range(0, len(response), 97):  # many small writes
+                writer.write(response[i : i + 97])
+                await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list[float], list[int]]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        request = b"POST /score HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"
+        lat: list[float] = []
+        errors: list[int] = []
+        await _client(port, request, time.perf_counter() + 0.3, lat, errors)
+        server.close()
+        await server.wait_closed()
+        return lat, errors
+
+    lat, errors = asyncio.run(main())
+    assert len(lat) == served > 3
+    assert errors == [422] * (served // 3)
+    assert all(t > 0 for t in lat)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_process_tree_cpu_counts_grandchildren() -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
+    spawn = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", spawn], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        cpu = process_tree_cpu(parent.pid)
+        while (cpu or 0.0) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            cpu = process_tree_cpu(parent.pid)
+        assert cpu is not None and cpu >= 0.4  # the grandchild's busy loop is in the total
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the grandchild is in the same process group
+        parent.wait()
+    assert process_tree_cpu(parent.pid) is None  # gone
