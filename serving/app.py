@@ -51,6 +51,7 @@ from serving.errors import (
     status_for,
 )
 from serving.metrics import ROUTES, Metrics
+from serving.schemas import document_score_route
 from serving.settings import Settings
 
 log = logging.getLogger("vae_anomaly.serving")
@@ -137,7 +138,8 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await _send_json(send, 413, _too_large(self.max_bytes))
+                    rid = scope.get("state", {}).get("request_id")
+                    await _send_json(send, 413, {**_too_large(self.max_bytes), "request_id": rid})
                     return
         received = 0
 
@@ -358,7 +360,7 @@ class ScoreEndpoint:
     validation of the query, Request and Response objects) cost about as much CPU again. So this
     one hot route skips it; every other route is FastAPI's. Errors follow the service's contract
     (``status_for``; a JSON body with the request id; an internal error is logged and answered
-    with a generic 500). Its OpenAPI entry is written by ``_document_score_route``.
+    with a generic 500). Its OpenAPI entry is ``serving.schemas.SCORE_OPENAPI``.
     """
 
     path = "/score"
@@ -474,132 +476,6 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _document_score_route(app: FastAPI) -> None:
-    """Add ``POST /score`` (served by ``ScoreEndpoint``) to the app's OpenAPI document."""
-    base = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = base()
-            schema["paths"]["/score"] = {"post": SCORE_OPENAPI}
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _query_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-
-
-_ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "detail", "request_id"],
-    "properties": {
-        "error": {"type": "string"},
-        "detail": {"type": "string"},
-        "request_id": {"type": "string"},
-    },
-}
-SCORE_OPENAPI: dict[str, Any] = {
-    "tags": ["model"],
-    "summary": "Score instances: -ELBO, higher = more anomalous",
-    "description": (
-        'Body: JSON `{"instances": [...]}` (each a flat vector or a nested image matching the '
-        "model's input shape), or an NPY array of instances (`application/x-npy`). Values outside "
-        "the model's input range are rejected (422) unless `clip=true`. Returns one result per "
-        "instance: score, reconstruction, kl, complexity, p_value, is_anomaly."
-    ),
-    "operationId": "score",
-    "parameters": [
-        _query_param(
-            "explain",
-            {"type": "boolean", "default": False},
-            "also return the per-feature squared reconstruction error",
-        ),
-        _query_param(
-            "clip",
-            {"type": "boolean", "default": False},
-            "clip values into the model's input range instead of rejecting them",
-        ),
-        _query_param(
-            "target_fpr",
-            {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-            "threshold for this target FPR instead of the calibrated one",
-        ),
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["instances"],
-                    "properties": {"instances": {"type": "array", "items": {"type": "array"}}},
-                }
-            },
-            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    "responses": {
-        "200": {
-            "description": "One result per instance, with the threshold and model version",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "model_version": {"type": "string"},
-                            "threshold": {"type": "number"},
-                            "target_fpr": {"type": "number"},
-                            "score_definition": {"type": "string"},
-                            "results": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "score": {"type": "number"},
-                                        "reconstruction": {"type": "number"},
-                                        "kl": {"type": "number"},
-                                        "complexity": {"type": "number"},
-                                        "p_value": {"type": "number"},
-                                        "is_anomaly": {"type": "boolean"},
-                                        "feature_errors": {
-                                            "type": "array",
-                                            "items": {"type": "number"},
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                    }
-                }
-            },
-        },
-        **{
-            str(code): {
-                "description": what,
-                "content": {"application/json": {"schema": _ERROR_SCHEMA}},
-            }
-            for code, what in (
-                (400, "Malformed body"),
-                (401, "Missing or wrong API key"),
-                (413, "Body or instance count over the limit"),
-                (415, "Unsupported content type"),
-                (422, "Invalid instances or query parameter"),
-                (503, "No model loaded yet"),
-            )
-        },
-    },
-}
 
 
 # -- dependencies ---------------------------------------------------------------------------------
@@ -787,7 +663,7 @@ def create_app(
             "previous_version": previous,
         }
 
-    _document_score_route(app)
+    document_score_route(app)
 
     # Middleware, innermost first: POST /score answered before FastAPI's router; the body limit
     # around it (its 413 is raised while the body streams in); observability outermost so every
