@@ -206,7 +206,10 @@ class Observability:
         path = scope.get("path", "")
         route = path if path in ROUTES else "other"
         method = scope.get("method", "GET")
-        status = 500
+        # Until a response starts: 500 if the app fails, 499 (nginx's "client closed request") if
+        # it returns without answering because the client went away, so a disconnect does not
+        # count as a server error on the dashboards.
+        status = CLIENT_CLOSED
         t0 = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -220,6 +223,10 @@ class Observability:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if status == CLIENT_CLOSED:
+                status = 500
+            raise
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - t0
@@ -237,6 +244,9 @@ class Observability:
                         }
                     ).decode()
                 )
+
+
+CLIENT_CLOSED = 499
 
 
 # Request ids: a random per-process prefix and a counter (16 hex digits). Unique across workers

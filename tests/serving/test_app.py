@@ -348,6 +348,32 @@ def test_unknown_route_and_method(client: TestClient) -> None:
     assert r.headers["allow"] == "POST"
 
 
+def test_client_gone_before_the_body_is_counted_as_499_not_500(client: TestClient) -> None:
+    """A client that disconnects mid-request gets no response, and the request is counted with
+    status 499 (client closed request), so it never shows up as a server error."""
+    sent: list[dict] = []  # type: ignore[type-arg]
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:  # type: ignore[type-arg]
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/score",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)
+    assert sent == []
+    text = client.get("/metrics").text
+    assert 'vae_anomaly_requests_total{method="POST",route="/score",status="499"} 1.0' in text
+    assert 'status="500"' not in text
+
+
 def test_internal_error_is_a_generic_500(
     make_client,
     trained: TrainOutcome,
