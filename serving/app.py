@@ -523,6 +523,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.threads)
+        supervised = detector is None and bool(settings.model_dir) and settings.workers > 1
+        if supervised:
+            # One of several workers: it starts serving only once its model is loaded, and a
+            # model that fails to load fails its start-up. uvicorn's rolling restart on SIGHUP
+            # waits for each new worker to be ready before retiring an old one, so a new artifact
+            # is in service before the old model leaves, and a bad one aborts the restart while
+            # the old workers keep serving.
+            await holder.load(settings.model_dir)
         batcher = MicroBatcher(
             holder.current,
             max_batch_size=settings.max_batch_size,
@@ -535,7 +543,7 @@ def create_app(
         loader: asyncio.Task[Any] | None = None
         if detector is not None:
             holder.install(detector)
-        elif settings.model_dir:
+        elif settings.model_dir and not supervised:
             loader = asyncio.create_task(_initial_load())
         else:
             holder.error = "no model configured: set VAE_ANOMALY_MODEL_DIR or pass --model"
@@ -546,6 +554,7 @@ def create_app(
             if loader is not None and not loader.done():
                 loader.cancel()
             await batcher.stop()
+            metrics.process_exiting()
 
     async def _initial_load() -> None:
         with contextlib.suppress(VAEAnomalyError):

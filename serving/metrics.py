@@ -122,27 +122,27 @@ class Metrics:
             f"{PREFIX}_threshold",
             "Calibrated anomaly threshold (nats).",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.target_fpr = Gauge(
             f"{PREFIX}_target_fpr",
             "Target false-positive rate of the threshold.",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.calibration_quantile = Gauge(
             f"{PREFIX}_calibration_score_quantile",
             "Quantiles of the calibration scores (held-out normal data): the reference for score-shift alerts.",
             ["quantile"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model served (value 1 for the current version).",
             ["model_version"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.in_flight = Gauge(
             f"{PREFIX}_in_flight_requests",
@@ -196,6 +196,14 @@ class Metrics:
         self.anomalies.inc(int(flags.sum()))
         if self.score is not None:
             observe_many(self.score, scores)
+
+    def process_exiting(self) -> None:
+        """With several workers, drop this process's live gauges (model info, threshold, ...) from
+        the shared metric files, so a worker replaced on reload stops reporting its old model."""
+        if multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     def exposition(self) -> tuple[bytes, str]:
         if multiprocess_enabled():

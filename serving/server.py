@@ -2,8 +2,10 @@
 
 One worker runs the app in-process. Several workers each build the app from the environment
 (``serving.app:create_app_from_env``), with prometheus_client's multiprocess mode so ``/metrics``
-reports all of them. SIGTERM / Ctrl-C finish in-flight requests before exiting; SIGHUP reloads
-the artifact (one worker) or restarts the workers on it (several).
+reports all of them. SIGTERM / Ctrl-C finish in-flight requests before exiting. SIGHUP reloads
+the artifact in place (one worker), or restarts the workers on it one at a time (several): each
+new worker is ready only once its model is loaded, and a bad artifact aborts the restart while
+the old workers keep serving (``serving.app``'s lifespan, uvicorn >= 0.51).
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def run(settings: Settings) -> None:
             "serving.app:create_app_from_env",
             factory=True,
             workers=settings.workers,
+            # a new worker imports torch and loads the model before it is ready: give it time
+            # before a rolling restart gives up on it (and keeps the old worker)
+            timeout_worker_healthcheck=60,
             **common,  # type: ignore[arg-type]
         )
     finally:

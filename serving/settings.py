@@ -63,6 +63,12 @@ class Settings:
         for value, ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{msg}, got {value}")
+        if self.enable_admin and self.workers > 1:
+            raise ConfigError(
+                "enable_admin needs workers = 1: with several workers each holds its own model, "
+                "and POST /admin/reload would reload only the one that answers it; reload "
+                "several workers with SIGHUP (a rolling restart) instead"
+            )
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(
                 f"log_level must be one of critical, error, warning, info, debug, got {self.log_level!r}"

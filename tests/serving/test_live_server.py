@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -130,6 +132,117 @@ def test_several_workers_report_all_metrics(trained: TrainOutcome) -> None:
             _metric(text, 'vae_anomaly_requests_total{method="POST",route="/score",status="200"}')
             == 40
         )
+
+
+def _post_fresh(url: str, retried: list[str]) -> httpx.Response:
+    """POST /score on a fresh connection (so any worker may answer), retried once on a transport
+    error, as a load balancer retries an idempotent request: a worker that is shutting down closes
+    a connection it accepted but has not read a request from yet (uvicorn's graceful shutdown)."""
+    try:
+        return httpx.post(url + "/score", json={"instances": [[0.2] * 64]}, timeout=10)
+    except httpx.TransportError as e:
+        retried.append(repr(e))
+        return httpx.post(url + "/score", json={"instances": [[0.2] * 64]}, timeout=10)
+
+
+def _versions_now(url: str, retried: list[str], n: int = 20) -> set[str]:
+    """Model versions answering ``n`` requests, each on a fresh connection."""
+    seen = set()
+    for _ in range(n):
+        r = _post_fresh(url, retried)
+        assert r.status_code == 200, r.text
+        seen.add(r.json()["model_version"])
+    return seen
+
+
+def test_sighup_rolls_several_workers_onto_a_new_artifact(
+    trained: TrainOutcome, tmp_path: Path
+) -> None:
+    """With several workers, SIGHUP restarts them one at a time on the artifact now at the model
+    path, with no failed request; a corrupted artifact aborts the restart and the workers on the
+    previous model keep serving."""
+    assert trained.path is not None
+    det = trained.detector
+    model = tmp_path / "model"
+    shutil.copytree(trained.path, model)
+    v2_dir = tmp_path / "v2"
+    artifact.save(v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec)  # type: ignore[union-attr]
+    v2 = artifact.load(v2_dir).model_version
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(v2_dir, bad_dir)
+    weights = bad_dir / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    def swap_in(new: Path, keep_as: str) -> None:
+        model.rename(tmp_path / keep_as)
+        new.rename(model)
+
+    failures: list[str] = []
+    retried: list[str] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    with LiveServer(model, "--workers", "2") as srv:
+        assert _versions_now(srv.url, retried) == {det.model_version}
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    r = _post_fresh(srv.url, retried)
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                else:
+                    versions.append(r.json()["model_version"])
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            swap_in(v2_dir, "v1")
+            os.kill(srv.proc.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 90
+            while _versions_now(srv.url, retried) != {v2}:
+                assert time.monotonic() < deadline, "the workers did not move to the new model"
+                time.sleep(0.5)
+
+            swap_in(bad_dir, "v2-kept")
+            os.kill(srv.proc.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 90
+            while "aborting the restart" not in srv.log():
+                assert time.monotonic() < deadline, (
+                    "the restart onto a bad artifact was not aborted"
+                )
+                time.sleep(0.5)
+            assert _versions_now(srv.url, retried) == {v2}
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        text = httpx.get(srv.url + "/metrics").text
+    assert failures == [], failures[:5]  # no error status, and no request failed twice
+    assert len(retried) <= max(2, len(versions) // 100), retried[:5]  # the rare closed connection
+    assert versions[0] == det.model_version and versions[-1] == v2
+    assert "weights.safetensors does not match its SHA-256" in srv.log()
+    # replaced workers dropped their gauges: only the model now served is reported
+    assert f'vae_anomaly_model_info{{model_version="{v2}"}} 1.0' in text
+    assert det.model_version not in text
+
+
+def test_admin_endpoint_refuses_several_workers(trained: TrainOutcome) -> None:
+    assert trained.path is not None
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--model", str(trained.path),
+         "--workers", "2", "--enable-admin", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "enable_admin needs workers = 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_shutdown_is_graceful(trained: TrainOutcome) -> None:
