@@ -231,6 +231,8 @@ def test_sighup_rolls_several_workers_onto_a_new_artifact(
     # replaced workers dropped their gauges: only the model now served is reported
     assert f'vae_anomaly_model_info{{model_version="{v2}"}} 1.0' in text
     assert det.model_version not in text
+    # the refused artifact is counted (the alert VAEAnomalyModelReloadFailed reads this)
+    assert 'vae_anomaly_model_reloads_total{result="failure"} 1.0' in text
 
 
 def test_admin_endpoint_refuses_several_workers(trained: TrainOutcome) -> None:
