@@ -139,7 +139,8 @@ class BodySizeLimit:
                     declared = 0
                 if declared > self.max_bytes:
                     rid = scope.get("state", {}).get("request_id")
-                    await _send_json(send, 413, {**_too_large(self.max_bytes), "request_id": rid})
+                    status, body = error_response(PayloadTooLarge(_too_large(self.max_bytes)), rid)
+                    await _send_json(send, status, body)
                     return
         received = 0
 
@@ -149,17 +150,39 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge(_too_large(self.max_bytes)["detail"])
+                    raise PayloadTooLarge(_too_large(self.max_bytes))
             return message
 
         await self.app(scope, limited, send)
 
 
-def _too_large(limit: int) -> dict[str, Any]:
-    return {
-        "error": "payload_too_large",
-        "detail": f"request body is larger than the limit of {limit} bytes",
-    }
+def _too_large(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
+
+
+# -- error bodies: every error is {"error", "detail", "request_id"} ----------------------------------
+def error_body(code: str, detail: Any, rid: str | None) -> dict[str, Any]:
+    return {"error": code, "detail": detail, "request_id": rid}
+
+
+def error_response(exc: VAEAnomalyError, rid: str | None) -> tuple[int, dict[str, Any]]:
+    """Status and body for an exception of the vae-anomaly tree (``status_for``)."""
+    status, code = status_for(exc)
+    return status, error_body(code, " ".join(str(exc).split()), rid)
+
+
+def internal_error_body(rid: str | None) -> dict[str, Any]:
+    """Log the exception being handled with its request id; a body that reveals nothing of it."""
+    log.exception("internal error handling request %s", rid)
+    return error_body(
+        "internal_error", f"internal error; quote request id {rid} when reporting it", rid
+    )
+
+
+def check_api_key(settings: Settings, provided: str | None) -> None:
+    """With an API key configured, the request must carry it in X-API-Key."""
+    if settings.api_key and provided != settings.api_key:
+        raise Unauthorized("missing or wrong API key: send header X-API-Key")
 
 
 async def _send_json(
@@ -391,22 +414,12 @@ class ScoreEndpoint:
             if payload is None:
                 return  # the client went away
         except VAEAnomalyError as e:
-            status, code = status_for(e)
+            status, body = error_response(e, rid)
             extra = [(b"allow", b"POST")] if status == 405 else []
-            body_json = {"error": code, "detail": " ".join(str(e).split()), "request_id": rid}
-            await _send_json(send, status, body_json, extra)
+            await _send_json(send, status, body, extra)
             return
         except Exception:
-            log.exception("internal error handling request %s", rid)
-            await _send_json(
-                send,
-                500,
-                {
-                    "error": "internal_error",
-                    "detail": f"internal error; quote request id {rid} when reporting it",
-                    "request_id": rid,
-                },
-            )
+            await _send_json(send, 500, internal_error_body(rid))
             return
         await _send_bytes(send, 200, payload)
 
@@ -414,11 +427,8 @@ class ScoreEndpoint:
         state = self.state
         settings: Settings = state.settings
         headers = dict(scope["headers"])
-        if (
-            settings.api_key
-            and headers.get(b"x-api-key", b"").decode("latin-1") != settings.api_key
-        ):
-            raise Unauthorized("missing or wrong API key: send header X-API-Key")
+        key = headers.get(b"x-api-key")
+        check_api_key(settings, key.decode("latin-1") if key is not None else None)
         det = state.holder.current()
         opts = ScoreOptions.from_query(scope.get("query_string", b""))
         body = await _read_body(receive)
@@ -492,10 +502,7 @@ async def _read_body(receive: Receive) -> bytes | None:
 # Both are ``async def`` on purpose: FastAPI hands a plain ``def`` dependency to a worker thread,
 # and these two do no I/O, so the event loop runs them directly.
 async def require_key(request: Request) -> None:
-    """With an API key configured, the request must carry it in X-API-Key."""
-    key = request.app.state.settings.api_key
-    if key and request.headers.get("x-api-key") != key:
-        raise Unauthorized("missing or wrong API key: send header X-API-Key")
+    check_api_key(request.app.state.settings, request.headers.get("x-api-key"))
 
 
 async def current_detector(request: Request) -> Detector:
@@ -583,18 +590,18 @@ def create_app(
     app.state.settings = settings
 
     # -- errors: the one mapping from exceptions to HTTP ------------------------------------------
-    def _error(request: Request, status: int, code: str, detail: Any) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None) or request.scope.get("state", {}).get(
+    def _rid(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None) or request.scope.get("state", {}).get(
             "request_id"
         )
-        return JSONResponse(
-            {"error": code, "detail": detail, "request_id": rid}, status_code=status
-        )
+
+    def _error(request: Request, status: int, code: str, detail: Any) -> JSONResponse:
+        return JSONResponse(error_body(code, detail, _rid(request)), status_code=status)
 
     @app.exception_handler(VAEAnomalyError)
     async def _domain_error(request: Request, exc: VAEAnomalyError) -> JSONResponse:
-        status, code = status_for(exc)
-        return _error(request, status, code, " ".join(str(exc).split()))
+        status, body = error_response(exc, _rid(request))
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _param_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -610,14 +617,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        rid = request.scope.get("state", {}).get("request_id")
-        log.exception("internal error handling request %s", rid)
-        return _error(
-            request,
-            500,
-            "internal_error",
-            f"internal error; quote request id {rid} when reporting it",
-        )
+        return JSONResponse(internal_error_body(_rid(request)), status_code=500)
 
     # -- routes ----------------------------------------------------------------------------------
     @app.get("/healthz", tags=["operations"], summary="The process is alive")

@@ -355,22 +355,16 @@ def _score_distribution(ctx: _Context) -> Figure:
     fig = _figure(8, 3.8)
     ax = fig.subplots()
     if ctx.y is not None:
-        ax.hist(
-            s[ctx.y == 0],
-            bins=bins,
-            alpha=0.6,
-            color=NORMAL_COLOUR,
-            density=True,
-            label=f"normal ({int((ctx.y == 0).sum())})",
-        )
-        ax.hist(
-            s[ctx.y == 1],
-            bins=bins,
-            alpha=0.6,
-            color=ANOMALY_COLOUR,
-            density=True,
-            label=f"anomalous ({int(ctx.y.sum())})",
-        )
+        for value, name, colour in ((0, "normal", NORMAL_COLOUR), (1, "anomalous", ANOMALY_COLOUR)):
+            part = s[ctx.y == value]
+            ax.hist(
+                part,
+                bins=bins,
+                alpha=0.6,
+                color=colour,
+                density=True,
+                label=f"{name} ({len(part)})",
+            )
     else:
         ax.hist(s, bins=bins, alpha=0.7, color="0.4", density=True, label=f"report data ({len(s)})")
     ax.hist(
