@@ -18,7 +18,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,20 +75,27 @@ def _sk_method(
     label: str,
     uses_seed: bool,
     params: dict[str, Any],
-    make: Callable[[int], Any],
+    make: Callable[[int, int], Any],  # (seed, n_features) -> an unfitted estimator
     score: Callable[[Any, npt.NDArray[np.float32]], npt.NDArray[np.float64]],
 ) -> Method:
     def run(split: Split, seed: int, ds: Dataset) -> MethodRun:
         assert split.x_test is not None
         x_fit = _flat(np.concatenate([split.x_train, split.x_val]))  # same data budget as the VAE
+        x_test, x_cal = _flat(split.x_test), _flat(split.x_cal)
         t0 = time.perf_counter()
-        est = make(seed).fit(x_fit)
+        if ds.value_range is None:
+            # Real-valued features (tables): standardised with the fit data's statistics, as
+            # the VAE standardises its inputs. Images (a known value range) are used as they are.
+            mean, std = x_fit.mean(axis=0), x_fit.std(axis=0)
+            std = np.where(std > 1e-8, std, 1.0)
+            x_fit, x_test, x_cal = ((a - mean) / std for a in (x_fit, x_test, x_cal))
+        est = make(seed, x_fit.shape[1]).fit(x_fit)
         t1 = time.perf_counter()
-        test = score(est, _flat(split.x_test))
+        test = score(est, x_test)
         t2 = time.perf_counter()
         return MethodRun(
             np.asarray(test, np.float64),
-            np.asarray(score(est, _flat(split.x_cal)), np.float64),
+            np.asarray(score(est, x_cal), np.float64),
             t1 - t0,
             t2 - t1,
         )
@@ -99,7 +106,21 @@ def _sk_method(
 def baseline_methods() -> dict[str, Method]:
     from sklearn.decomposition import PCA
     from sklearn.ensemble import IsolationForest
+    from sklearn.neighbors import NearestNeighbors
     from sklearn.svm import OneClassSVM
+
+    class KNN:
+        """Distance to the k-th nearest fit sample (PyOD's KNN, method "largest")."""
+
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def fit(self, x: npt.NDArray[np.float32]) -> KNN:
+            self.nn_ = NearestNeighbors(n_neighbors=self.k).fit(x)
+            return self
+
+        def score(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            return np.asarray(self.nn_.kneighbors(x)[0][:, -1], np.float64)
 
     def pca_error(est: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         rec = est.inverse_transform(est.transform(x))
@@ -108,10 +129,10 @@ def baseline_methods() -> dict[str, Method]:
     methods = {
         "pca": _sk_method(
             "pca",
-            "PCA, 32 components, reconstruction error",
+            "PCA, 32 components (at most half the features), reconstruction error",
             False,
             {"n_components": 32},
-            lambda seed: PCA(n_components=32, random_state=0),
+            lambda seed, d: PCA(n_components=min(32, max(1, d // 2)), random_state=0),
             pca_error,
         ),
         "iforest": _sk_method(
@@ -119,7 +140,7 @@ def baseline_methods() -> dict[str, Method]:
             "IsolationForest, 200 trees",
             True,
             {"n_estimators": 200},
-            lambda seed: IsolationForest(n_estimators=200, random_state=seed),
+            lambda seed, d: IsolationForest(n_estimators=200, random_state=seed),
             lambda e, x: -e.score_samples(x),
         ),
         "ocsvm": _sk_method(
@@ -127,16 +148,34 @@ def baseline_methods() -> dict[str, Method]:
             "OC-SVM, RBF, nu = 0.1, gamma = scale",
             False,
             {"nu": 0.1, "gamma": "scale"},
-            lambda seed: OneClassSVM(kernel="rbf", nu=0.1, gamma="scale"),
+            lambda seed, d: OneClassSVM(kernel="rbf", nu=0.1, gamma="scale"),
             lambda e, x: -e.decision_function(x),
+        ),
+        "knn": _sk_method(
+            "knn",
+            "kNN, distance to the 5th neighbour",
+            False,
+            {"k": 5},
+            lambda seed, d: KNN(5),
+            lambda e, x: e.score(x),
         ),
     }
     try:
+        from pyod.models.ecod import ECOD
         from pyod.models.vae import VAE as PyODVAE
     except ImportError:
         return methods
 
-    def make_pyod(seed: int) -> Any:
+    methods["ecod"] = _sk_method(
+        "ecod",
+        "ECOD (empirical-CDF outlier detection)",
+        False,
+        {},
+        lambda seed, d: ECOD(),
+        lambda e, x: e.decision_function(x),
+    )
+
+    def make_pyod(seed: int, d: int) -> Any:
         import torch
 
         torch.manual_seed(seed)
@@ -157,11 +196,14 @@ def vae_method(model: ModelOptions, train: TrainConfig, calibration: Calibration
     def run(split: Split, seed: int, ds: Dataset) -> MethodRun:
         assert split.x_test is not None
         cfg = TrainConfig(**{**train.to_dict(), "seed": seed})
+        # Small tables hold out too few rows for the target FPR: calibrate for the smallest the
+        # held-out rows support (recorded per run as target_fpr).
+        fpr = effective_fpr(calibration.target_fpr, len(split.x_cal))
         outcome = train_detector(
             DataOptions(dataset=ds.name, normal_class=split.info.get("normal_class")),
             model,
             cfg,
-            calibration,
+            replace(calibration, target_fpr=fpr),
             progress=False,
             dataset=ds,
             split=split,
@@ -201,8 +243,36 @@ class BenchmarkConfig:
     split_seed: int = 0
 
 
+def effective_fpr(target_fpr: float, n_calibration: int) -> float:
+    """The target FPR, or 1/n when n held-out rows cannot support it (small tables)."""
+    return max(target_fpr, 1.0 / max(n_calibration, 1))
+
+
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+PYOD_METHODS = ("ecod", "pyod-vae")
+
+
+def choose_methods(
+    names: tuple[str, ...],
+    model: ModelOptions,
+    train: TrainConfig,
+    calibration: CalibrationOptions,
+    echo: Callable[[str], None],
+) -> list[Method]:
+    """The named methods; the PyOD ones are skipped with a note when pyod is missing."""
+    methods = {"vae": vae_method(model, train, calibration), **baseline_methods()}
+    unknown = [m for m in names if m not in methods and m not in PYOD_METHODS]
+    if unknown:
+        raise ConfigError(
+            f"unknown method(s) {unknown}; choose from {sorted({*methods, *PYOD_METHODS})}"
+        )
+    missing = [m for m in names if m not in methods]
+    if missing:
+        echo(f"pyod is not installed: skipping {', '.join(missing)} (pip install -e '.[bench]')")
+    return [methods[m] for m in names if m in methods]
 
 
 def run_benchmark(
@@ -210,13 +280,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark; write results.json, results.md and roc_curves.png to ``out``."""
     out = Path(out)
-    methods = {"vae": vae_method(cfg.model, cfg.train, cfg.calibration), **baseline_methods()}
-    unknown = [m for m in cfg.methods if m not in methods and m != "pyod-vae"]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(methods)}")
-    chosen = [methods[m] for m in cfg.methods if m in methods]
-    if "pyod-vae" in cfg.methods and "pyod-vae" not in methods:
-        echo("pyod is not installed: skipping the PyOD VAE baseline (pip install -e '.[bench]')")
+    chosen = choose_methods(cfg.methods, cfg.model, cfg.train, cfg.calibration, echo)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     bad = [c for c in cfg.classes if c not in ds.classes]
     if bad:
@@ -230,41 +294,11 @@ def run_benchmark(
         split = one_vs_rest(ds, c, seed=cfg.split_seed)
         assert split.y_test is not None
         labels[c] = split.y_test
-        for m in chosen:
-            for seed in cfg.seeds:
-                key = _key(
-                    {
-                        "method": m.name,
-                        "params": m.params,
-                        "dataset": cfg.dataset,
-                        "split": split.info,
-                        "seed": seed if m.uses_seed else None,
-                    }
-                )
-                cache = out / "cache" / m.name / key
-                rec, test_scores = _load_cached(cache, c, seed if m.uses_seed else 0)
-                if rec is None:
-                    r = m.run(split, seed, ds)
-                    cal = Calibration.fit(r.cal_scores, cfg.calibration.target_fpr)
-                    rec = {
-                        "method": m.name,
-                        "class": c,
-                        "seed": seed,
-                        **detection_metrics(r.test_scores, split.y_test, cal.threshold),
-                        "threshold": cal.threshold,
-                        "train_seconds": r.train_seconds,
-                        "score_seconds": r.score_seconds,
-                        **r.extra,
-                    }
-                    _save_cached(cache, c, seed if m.uses_seed else 0, rec, r.test_scores)
-                    test_scores = r.test_scores
-                    echo(
-                        f"class {c} seed {seed} {m.name:<9} AUROC {rec['auroc']:.4f}  FPR {rec['observed_fpr']:.2%}  train {rec['train_seconds']:.1f}s"
-                    )
-                rec = {**rec, "seed": seed}
-                runs.append(rec)
-                assert test_scores is not None
-                scores[(m.name, c, seed)] = test_scores
+        task_runs, task_scores = run_task(
+            chosen, ds, split, c, cfg.seeds, cfg.calibration.target_fpr, out, echo
+        )
+        runs += task_runs
+        scores.update({(m, c, seed): v for (m, seed), v in task_scores.items()})
     report = _aggregate(cfg, chosen, runs)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", report)
@@ -272,6 +306,63 @@ def run_benchmark(
         f.write(markdown(report))
     _roc_figure(out / "roc_curves.png", cfg, chosen, scores, labels)
     return report
+
+
+def run_task(
+    methods: list[Method],
+    ds: Dataset,
+    split: Split,
+    task: int,
+    seeds: tuple[int, ...],
+    target_fpr: float,
+    out: Path,
+    echo: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], dict[tuple[str, int], npt.NDArray[np.float64]]]:
+    """Every method on one split (a normal class, or a table's split seed), cached per seed.
+
+    Records carry ``class`` = ``task``; methods that ignore the seed run once and are reused.
+    """
+    assert split.y_test is not None
+    runs: list[dict[str, Any]] = []
+    scores: dict[tuple[str, int], npt.NDArray[np.float64]] = {}
+    fpr = effective_fpr(target_fpr, len(split.x_cal))
+    for m in methods:
+        for seed in seeds:
+            key = _key(
+                {
+                    "method": m.name,
+                    "params": m.params,
+                    "dataset": ds.name,
+                    "split": split.info,
+                    "seed": seed if m.uses_seed else None,
+                }
+            )
+            cache = out / "cache" / m.name / key
+            rec, test_scores = _load_cached(cache, task, seed if m.uses_seed else 0)
+            if rec is None:
+                r = m.run(split, seed, ds)
+                cal = Calibration.fit(r.cal_scores, fpr)
+                rec = {
+                    "method": m.name,
+                    "dataset": ds.name,
+                    "class": task,
+                    "seed": seed,
+                    "target_fpr": fpr,
+                    **detection_metrics(r.test_scores, split.y_test, cal.threshold),
+                    "threshold": cal.threshold,
+                    "train_seconds": r.train_seconds,
+                    "score_seconds": r.score_seconds,
+                    **r.extra,
+                }
+                _save_cached(cache, task, seed if m.uses_seed else 0, rec, r.test_scores)
+                test_scores = r.test_scores
+                echo(
+                    f"{ds.name} {task} seed {seed} {m.name:<9} AUROC {rec['auroc']:.4f}  FPR {rec['observed_fpr']:.2%}  train {rec['train_seconds']:.1f}s"
+                )
+            runs.append({**rec, "seed": seed})
+            assert test_scores is not None
+            scores[(m.name, seed)] = test_scores
+    return runs, scores
 
 
 def _load_cached(
@@ -417,3 +508,176 @@ def _roc_figure(
     with atomic_output(path) as f:
         fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
+
+
+# -- suites ----------------------------------------------------------------------------------------
+SUITES: dict[str, tuple[str, ...]] = {
+    "images": ("mnist", "fashion-mnist"),
+    "tabular": ("breast-cancer", "wine", "spam", "musk", "ticdata"),
+}
+TABULAR_SPLIT_SEEDS: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    suite: str = "images"
+    seeds: tuple[int, ...] = (0,)  # training seeds (image sets; tables use one per split)
+    split_seeds: tuple[int, ...] = TABULAR_SPLIT_SEEDS  # tables: 60 / 40 splits of the normal rows
+    classes: tuple[int, ...] = tuple(range(10))  # image sets
+    methods: tuple[str, ...] = ("vae", "pca", "iforest", "ocsvm", "knn", "ecod", "pyod-vae")
+    model: ModelOptions = field(default_factory=ModelOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    data_dir: str | None = None
+
+
+def run_suite(
+    cfg: SuiteConfig, out: str | Path, *, echo: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """Every data set of a suite, every method on the same splits; suite.json and suite.md.
+
+    Images: one-vs-rest per class, as :func:`run_benchmark` (its reports go to ``out/<set>``).
+    Tables: per split seed, 60 % of the normal rows to train, the rest plus every anomaly to test.
+    Ranks: per unit (an image class, or a table), 1 = best mean AUROC, ties averaged.
+    """
+    from training.tabular import TABULAR_SETS, load_tabular, tabular_split
+
+    if cfg.suite not in SUITES:
+        raise ConfigError(f"unknown suite {cfg.suite!r}; choose one of {', '.join(SUITES)}")
+    out = Path(out)
+    chosen = choose_methods(cfg.methods, cfg.model, cfg.train, cfg.calibration, echo)
+    # unit -> method -> mean AUROC; unit is "set/class" (images) or "set" (tables)
+    units: dict[str, dict[str, float]] = {}
+    labels: dict[str, str] = {}
+    details: dict[str, Any] = {}
+    for name in SUITES[cfg.suite]:
+        if cfg.suite == "images":
+            bc = BenchmarkConfig(
+                dataset=name,
+                classes=cfg.classes,
+                seeds=cfg.seeds,
+                methods=cfg.methods,
+                model=cfg.model,
+                train=cfg.train,
+                calibration=cfg.calibration,
+                data_dir=cfg.data_dir,
+            )
+            rep = run_benchmark(bc, out / name, echo=echo)
+            details[name] = {
+                m: {"mean": v["mean"], "label": v["label"]} for m, v in rep["methods"].items()
+            }
+            for m, v in rep["methods"].items():
+                labels[m] = v["label"]
+                for c, pc in v["per_class"].items():
+                    units.setdefault(f"{name}/{c}", {})[m] = pc["auroc"]
+            continue
+        ts = load_tabular(name)
+        ds = Dataset(
+            name=name,
+            x_train=ts.x_normal,
+            y_train=None,
+            preprocessing="none: features used as given",
+            provenance=ts.provenance,
+        )
+        runs: list[dict[str, Any]] = []
+        for s in cfg.split_seeds:
+            split = tabular_split(ts, seed=s)
+            task_runs, _ = run_task(
+                chosen, ds, split, s, (s,), cfg.calibration.target_fpr, out / name, echo
+            )
+            runs += task_runs
+        details[name] = {
+            "rule": TABULAR_SETS[name].rule,
+            "source": TABULAR_SETS[name].source,
+            "n_normal": int(ts.x_normal.shape[0]),
+            "n_anomalous": int(ts.x_anomalous.shape[0]),
+            "n_features": ts.n_features,
+            "methods": {
+                m.name: {
+                    k: float(np.mean([r[k] for r in runs if r["method"] == m.name]))
+                    for k in ("auroc", "average_precision", "observed_fpr", "tpr", "target_fpr")
+                }
+                for m in chosen
+            },
+        }
+        for m in chosen:
+            labels[m.name] = m.label
+            units.setdefault(name, {})[m.name] = details[name]["methods"][m.name]["auroc"]
+    report = _suite_summary(cfg, units, labels, details)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "suite.json", report)
+    with atomic_output(out / "suite.md", "w") as f:
+        f.write(suite_markdown(report))
+    return report
+
+
+def _suite_summary(
+    cfg: SuiteConfig,
+    units: dict[str, dict[str, float]],
+    labels: dict[str, str],
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    from scipy.stats import rankdata
+
+    methods = [m for m in cfg.methods if all(m in u for u in units.values())]
+    ranks: dict[str, list[float]] = {m: [] for m in methods}
+    for u in units.values():
+        r = rankdata([-u[m] for m in methods])  # 1 = best
+        for m, rank in zip(methods, r, strict=True):
+            ranks[m].append(float(rank))
+    summary: dict[str, Any] = {
+        m: {
+            "label": labels[m],
+            "mean_auroc": float(np.mean([u[m] for u in units.values()])),
+            "average_rank": float(np.mean(ranks[m])),
+        }
+        for m in methods
+    }
+    baselines = [m for m in methods if m != "vae"]
+    if "vae" in methods and baselines:
+        best = {k: max(u[m] for m in baselines) for k, u in units.items()}
+        summary["vae"]["units_above_best_baseline"] = sum(units[k]["vae"] > best[k] for k in units)
+    return {
+        "suite": cfg.suite,
+        "datasets": list(SUITES[cfg.suite]),
+        "protocol": (
+            "one-vs-rest per class: train on class c's training images, test on the full test set"
+            if cfg.suite == "images"
+            else "per split seed: 60 % of the normal rows to train (the detector splits them into "
+            "train / validation / calibration), the other 40 % plus every anomaly to test"
+        ),
+        "seeds": list(cfg.seeds),
+        "split_seeds": list(cfg.split_seeds) if cfg.suite == "tabular" else None,
+        "target_fpr": cfg.calibration.target_fpr,
+        "units": units,
+        "methods": summary,
+        "datasets_detail": details,
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+    }
+
+
+def suite_markdown(report: dict[str, Any]) -> str:
+    units = list(report["units"])
+    methods = report["methods"]
+    head = "| method | " + " | ".join(units) + " | mean | average rank |"
+    lines = [
+        f"Suite {report['suite']}: AUROC % per "
+        + ("data set / class" if report["suite"] == "images" else "data set (mean over splits)"),
+        "",
+        head,
+        "|---" * (len(units) + 3) + "|",
+    ]
+    for m, v in methods.items():
+        cells = [f"{report['units'][u][m] * 100:.1f}" for u in units]
+        lines.append(
+            f"| {v['label']} | "
+            + " | ".join(cells)
+            + f" | **{v['mean_auroc'] * 100:.2f}** | {v['average_rank']:.2f} |"
+        )
+    if "vae" in methods and "units_above_best_baseline" in methods["vae"]:
+        lines += [
+            "",
+            f"ours above the best baseline on {methods['vae']['units_above_best_baseline']} of "
+            f"{len(units)}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -42,7 +42,15 @@ MNIST_FILES: dict[str, str] = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "digits")
+FASHION_MNIST_FILES: dict[str, str] = {  # SHA-256 of the uncompressed files
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+# Debian's package dataset-fashion-mnist installs the four files (gzip) here.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+BUILTIN_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")
 
 _IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
@@ -112,10 +120,21 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
 # -- MNIST ---------------------------------------------------------------------------------------
 def locate_mnist(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """Paths of the four IDX files in ``folder`` (raw preferred over ``.gz``)."""
+    return _locate_idx(
+        folder,
+        MNIST_FILES,
+        "MNIST",
+        "run 'vae-anomaly data fetch mnist' or pass --data-dir DIR with the four IDX files",
+    )
+
+
+def _locate_idx(
+    folder: str | os.PathLike[str], files: dict[str, str], title: str, remedy: str
+) -> dict[str, Path]:
     root = Path(folder)
     found: dict[str, Path] = {}
     missing = []
-    for name in MNIST_FILES:
+    for name in files:
         for cand in (root / name, root / f"{name}.gz"):
             if cand.is_file():
                 found[name] = cand
@@ -124,18 +143,19 @@ def locate_mnist(folder: str | os.PathLike[str]) -> dict[str, Path]:
             missing.append(name)
     if missing:
         raise DataError(
-            f"MNIST not found in {root}: missing {', '.join(missing)} (raw or .gz); run "
-            "'vae-anomaly data fetch mnist' or pass --data-dir DIR with the four IDX files"
+            f"{title} not found in {root}: missing {', '.join(missing)} (raw or .gz); {remedy}"
         )
     return found
 
 
-def verify_sha256(name: str, data: bytes, where: str) -> None:
+def verify_sha256(
+    name: str, data: bytes, where: str, files: dict[str, str] = MNIST_FILES, title: str = "MNIST"
+) -> None:
     got = hashlib.sha256(data).hexdigest()
-    if got != MNIST_FILES[name]:
+    if got != files[name]:
         raise DataError(
             f"checksum mismatch for {where}: SHA-256 {got[:16]}..., expected "
-            f"{MNIST_FILES[name][:16]}... (corrupt or not the original MNIST); delete it and "
+            f"{files[name][:16]}... (corrupt or not the original {title}); delete it and "
             "fetch again"
         )
 
@@ -257,14 +277,11 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, fetch: bool = 
         verify_sha256(name, raw, str(p))
         arrays[name] = parse_idx(raw, str(p))
 
-    def images(a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return (a.astype(np.float32) / 255.0)[:, None, :, :]
-
     return Dataset(
         name="mnist",
-        x_train=images(arrays["train-images-idx3-ubyte"]),
+        x_train=_images(arrays["train-images-idx3-ubyte"]),
         y_train=arrays["train-labels-idx1-ubyte"].astype(np.int64),
-        x_test=images(arrays["t10k-images-idx3-ubyte"]),
+        x_test=_images(arrays["t10k-images-idx3-ubyte"]),
         y_test=arrays["t10k-labels-idx1-ubyte"].astype(np.int64),
         value_range=(0.0, 1.0),
         preprocessing="8-bit pixel values divided by 255; images shaped (1, 28, 28)",
@@ -274,6 +291,55 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, *, fetch: bool = 
             "sha256": {name: MNIST_FILES[name] for name in files},
         },
     )
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al., 2017), the same IDX layout as MNIST, pixels scaled to [0, 1].
+
+    Looked for in ``data_dir`` (or ``data_dir/fashion-mnist``), else in the data cache, else where
+    Debian's ``dataset-fashion-mnist`` package puts it (/usr/share/datasets/fashion-mnist).
+    Every file is checked against the SHA-256 of the original release.
+    """
+    base = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    candidates = [base, base / "fashion-mnist"]
+    if data_dir is None:
+        candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    remedy = (
+        "install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+        "or pass --data-dir DIR with the four IDX files of the original release"
+    )
+    for folder in candidates:
+        try:
+            files = _locate_idx(folder, FASHION_MNIST_FILES, "Fashion-MNIST", remedy)
+            break
+        except DataError:
+            continue
+    else:
+        _locate_idx(candidates[-1], FASHION_MNIST_FILES, "Fashion-MNIST", remedy)  # raises
+    arrays = {}
+    for name, p in files.items():
+        raw = _read_bytes(p)
+        verify_sha256(name, raw, str(p), FASHION_MNIST_FILES, "Fashion-MNIST")
+        arrays[name] = parse_idx(raw, str(p))
+    return Dataset(
+        name="fashion-mnist",
+        x_train=_images(arrays["train-images-idx3-ubyte"]),
+        y_train=arrays["train-labels-idx1-ubyte"].astype(np.int64),
+        x_test=_images(arrays["t10k-images-idx3-ubyte"]),
+        y_test=arrays["t10k-labels-idx1-ubyte"].astype(np.int64),
+        value_range=(0.0, 1.0),
+        preprocessing="8-bit pixel values divided by 255; images shaped (1, 28, 28)",
+        provenance={
+            "dataset": "fashion-mnist",
+            "source": str(files["train-images-idx3-ubyte"].parent),
+            "sha256": {name: FASHION_MNIST_FILES[name] for name in files},
+        },
+    )
+
+
+def _images(a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    return (a.astype(np.float32) / 255.0)[:, None, :, :]
 
 
 def load_digits_dataset(*, test_fraction: float = 1 / 3, seed: int = 0) -> Dataset:
@@ -368,6 +434,8 @@ def load_dataset(
     """A built-in data set by name (mnist, digits), or a user's normal data from .npy / .csv."""
     if name == "mnist":
         return load_mnist(data_dir, fetch=fetch)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
     if name == "digits":
         return load_digits_dataset()
     p = Path(name)

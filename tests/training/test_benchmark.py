@@ -51,8 +51,8 @@ def test_benchmark_writes_reports_and_resumes(
 
 
 def test_benchmark_rejects_unknown_methods_and_classes(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['knn'\]"):
-        B.run_benchmark(B.BenchmarkConfig(**{**FAST, "methods": ("vae", "knn")}), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['lof'\]"):
+        B.run_benchmark(B.BenchmarkConfig(**{**FAST, "methods": ("vae", "lof")}), tmp_path)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"classes \[12\] are not classes of digits"):
         B.run_benchmark(B.BenchmarkConfig(**{**FAST, "classes": (0, 12)}), tmp_path)  # type: ignore[arg-type]
 
