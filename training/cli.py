@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument(
         "--methods",
         default="vae,pca,iforest,ocsvm,knn,ecod,pyod-vae",
-        help="comma-separated: vae, pca, iforest, ocsvm, knn, ecod and pyod-vae (both need pyod)",
+        help="comma-separated: vae, pca, iforest, ocsvm, knn, ecod, pyod-vae (needs pyod)",
     )
     bm.add_argument("--data-dir", help="folder with MNIST IDX files")
     bm.add_argument(

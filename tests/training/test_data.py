@@ -179,5 +179,7 @@ def test_load_array_errors(tmp_path: Path, name: str, content: str, match: str) 
 
 
 def test_load_dataset_unknown_name() -> None:
-    with pytest.raises(DataError, match=r"unknown data set 'cifar': use one of mnist, fashion-mnist, digits"):
+    with pytest.raises(
+        DataError, match=r"unknown data set 'cifar': use one of mnist, fashion-mnist, digits"
+    ):
         D.load_dataset("cifar")
