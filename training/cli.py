@@ -138,7 +138,9 @@ def _add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
 def _add_scored_data_args(p: argparse.ArgumentParser, labels_help: str) -> None:
     """The model and data options shared by evaluate and report (see ``_labelled_data``)."""
     p.add_argument("--model", required=True, help="artifact directory")
-    p.add_argument("--dataset", help="mnist or digits (default: the artifact's own data set)")
+    p.add_argument(
+        "--dataset", help="mnist, fashion-mnist or digits (default: the artifact's own data set)"
+    )
     p.add_argument("--data", help=".npy / .csv samples (instead of --dataset)")
     p.add_argument("--labels", help=labels_help)
     p.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dataset",
         default=do.dataset,
-        help="mnist, digits (scikit-learn 8x8), or a .npy / .csv file of normal samples",
+        help="mnist, fashion-mnist, digits (scikit-learn 8x8), or a .npy / .csv file of normal samples",
     )
     g.add_argument(
         "--normal-class",
@@ -741,7 +743,7 @@ def _labelled_data(
             )
         return x, y, labels, args.data
     name = args.dataset or provenance.get("dataset")
-    if name not in ("mnist", "digits"):
+    if name not in ("mnist", "fashion-mnist", "digits"):
         raise InputError(
             "this artifact was not trained on a built-in data set: pass --data"
             + (" and --labels" if need_labels else "")
