@@ -136,24 +136,26 @@ class ECOD:
         return np.asarray(np.maximum.reduce([left.sum(1), right.sum(1), auto.sum(1)]))
 
 
+class KNN:
+    """Distance to the k-th nearest fit sample (PyOD's KNN, method "largest")."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def fit(self, x: npt.NDArray[np.float32]) -> KNN:
+        from sklearn.neighbors import NearestNeighbors
+
+        self.nn_ = NearestNeighbors(n_neighbors=self.k).fit(x)
+        return self
+
+    def score(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return np.asarray(self.nn_.kneighbors(x)[0][:, -1], np.float64)
+
+
 def baseline_methods() -> dict[str, Method]:
     from sklearn.decomposition import PCA
     from sklearn.ensemble import IsolationForest
-    from sklearn.neighbors import NearestNeighbors
     from sklearn.svm import OneClassSVM
-
-    class KNN:
-        """Distance to the k-th nearest fit sample (PyOD's KNN, method "largest")."""
-
-        def __init__(self, k: int) -> None:
-            self.k = k
-
-        def fit(self, x: npt.NDArray[np.float32]) -> KNN:
-            self.nn_ = NearestNeighbors(n_neighbors=self.k).fit(x)
-            return self
-
-        def score(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-            return np.asarray(self.nn_.kneighbors(x)[0][:, -1], np.float64)
 
     def pca_error(est: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         rec = est.inverse_transform(est.transform(x))
