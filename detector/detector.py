@@ -57,8 +57,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class DetectionResult:
     """Per-sample results, each an array of length N.
 
-    ``score``: -ELBO in nats, minus ``complexity_weight * complexity`` when the input-complexity
-    correction is on (``complexity`` is 0 when it is off); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
+    ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
+    input-complexity correction is on (``complexity`` is 0 when it is off); higher = more
+    anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
     """
 
     score: npt.NDArray[np.float64]
@@ -147,7 +148,9 @@ class Detector:
         cal = self.calibration
         if cal is None:
             return score_definition(0.0)
-        return score_definition(cal.complexity_weight, cal.complexity_codec, cal.complexity_level)
+        return score_definition(
+            cal.complexity_weight, cal.complexity_codec, cal.complexity_level, cal.complexity_cap
+        )
 
     def _calibration(self) -> Calibration:
         if self.calibration is None:
@@ -180,12 +183,13 @@ class Detector:
         complexity_weight: float | None = None,
         complexity_level: int | None = None,
         complexity_codec: str | None = None,
+        complexity_cap: float | None = None,
         name: str = "X",
     ) -> dict[str, npt.NDArray[np.float64]]:
         """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
 
         Needs no calibration. The score's settings (kind elbo / iwae, its sample count, the
-        complexity weight and zlib level) default to the calibration's, else the plain ELBO.
+        complexity weight, cap and codec) default to the calibration's, else the plain ELBO.
         ``name`` is what error messages call ``x``.
         """
         arr = validate_samples(x, self.input_spec, name=name)
@@ -195,6 +199,7 @@ class Detector:
             complexity_weight=complexity_weight,
             complexity_level=complexity_level,
             complexity_codec=complexity_codec,
+            complexity_cap=complexity_cap,
         )
         return self._score_array(arr, **settings)
 
@@ -211,6 +216,7 @@ class Detector:
                 "complexity_weight": cal.complexity_weight,
                 "complexity_level": cal.complexity_level,
                 "complexity_codec": cal.complexity_codec,
+                "complexity_cap": cal.complexity_cap,
             }
             if cal
             else {
@@ -219,6 +225,7 @@ class Detector:
                 "complexity_weight": 0.0,
                 "complexity_level": DEFAULT_LEVEL,
                 "complexity_codec": DEFAULT_CODEC,
+                "complexity_cap": None,
             }
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -302,6 +309,7 @@ class Detector:
         complexity_weight: float,
         complexity_level: int,
         complexity_codec: str,
+        complexity_cap: float | None,
     ) -> dict[str, npt.NDArray[np.float64]]:
         parts = self._model_parts(arr, kind, samples)
         if complexity_weight:
@@ -313,7 +321,10 @@ class Detector:
             parts["complexity"] = complexity_nats(
                 arr, self.input_spec.value_range, level=complexity_level, codec=complexity_codec
             )
-            parts["score"] = parts["score"] - complexity_weight * parts["complexity"]
+            credit = parts["complexity"]
+            if complexity_cap is not None:
+                credit = np.minimum(credit, complexity_cap)
+            parts["score"] = parts["score"] - complexity_weight * credit
         else:
             parts["complexity"] = np.zeros_like(parts["score"])
         return parts
@@ -345,6 +356,7 @@ class Detector:
             "model_version": self.model_version,
             "score_definition": self.score_definition,
             "complexity_weight": cal.complexity_weight if cal else 0.0,
+            "complexity_cap": cal.complexity_cap if cal else None,
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),
             "threshold": cal.threshold if cal else None,

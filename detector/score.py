@@ -39,14 +39,27 @@ SCORE_DEFINITION = (
 )
 
 
-def score_definition(complexity_weight: float = 0.0, codec: str = "zlib-ng", level: int = 1) -> str:
+def score_definition(
+    complexity_weight: float = 0.0,
+    codec: str = "zlib-ng",
+    level: int = 1,
+    cap: float | None = None,
+) -> str:
     """The score's definition in words, for responses and ``info``."""
     if not complexity_weight:
         return SCORE_DEFINITION
     w = "" if complexity_weight == 1 else f"{complexity_weight:g} * "
+    term = "complexity" if cap is None else f"min(complexity, {cap:.1f})"
+    capped = (
+        ""
+        if cap is None
+        else f"; the credit for complexity stops at {cap:.1f} nats, the median complexity of the "
+        "normal validation data, so inputs more complex than the normal data gain nothing from it"
+    )
     return (
-        f"score = reconstruction + kl - {w}complexity in nats (higher = more anomalous): the -ELBO "
-        "corrected for input complexity (Serra et al., ICLR 2020); reconstruction = -log p(x|z) at "
+        f"score = reconstruction + kl - {w}{term} in nats (higher = more anomalous): the -ELBO "
+        f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
+        "reconstruction = -log p(x|z) at "
         "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = DEFLATE code length "
         f"({codec} level {level}) of the 8-bit input"
     )

@@ -76,6 +76,19 @@ def _as_scores(values: npt.ArrayLike) -> FloatArray:
     return scores
 
 
+def _check_cap(cap: float | None) -> None:
+    if cap is not None and not (math.isfinite(cap) and cap >= 0):
+        raise ConfigError(f"complexity cap must be a finite number >= 0 (nats), got {cap}")
+
+
+PROTOCOLS: tuple[str, ...] = ("split", "cross-fit")
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown calibration protocol {protocol!r}; choose one of {PROTOCOLS}")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A threshold and the calibration scores behind it (saved as ``calibration.json``)."""
@@ -88,6 +101,13 @@ class Calibration:
     complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
     complexity_level: int = 1  # compression level of L(x); part of the score, so saved with it
     complexity_codec: str = DEFAULT_CODEC  # compressor of L(x) (detector.complexity.CODECS)
+    # score = -ELBO - weight * min(L(x), cap): complexity above the cap earns no credit. None =
+    # uncapped (Serra et al.'s correction; calibrations written before the cap existed).
+    complexity_cap: float | None = None
+    # How the calibration scores were obtained: "split" (a held-out calibration split scored by
+    # this model) or "cross-fit" (every normal row scored out of fold by a model of K that never
+    # saw it; training.pipeline).
+    protocol: str = "split"
 
     @classmethod
     def fit(
@@ -100,8 +120,12 @@ class Calibration:
         complexity_weight: float = 0.0,
         complexity_level: int = 1,
         complexity_codec: str = DEFAULT_CODEC,
+        complexity_cap: float | None = None,
+        protocol: str = "split",
     ) -> Calibration:
         check_codec(complexity_codec, complexity_level)
+        _check_protocol(protocol)
+        _check_cap(complexity_cap)
         scores = _as_scores(calibration_scores)
         threshold = conformal_threshold(scores, target_fpr)
         return cls(
@@ -113,6 +137,8 @@ class Calibration:
             complexity_weight=float(complexity_weight),
             complexity_level=int(complexity_level),
             complexity_codec=str(complexity_codec),
+            complexity_cap=None if complexity_cap is None else float(complexity_cap),
+            protocol=protocol,
         )
 
     @property
@@ -145,11 +171,13 @@ class Calibration:
             "complexity_level": self.complexity_level,
             "complexity_codec": self.complexity_codec,
             "complexity_codec_version": codec_version(self.complexity_codec),
+            "complexity_cap": self.complexity_cap,
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
             "n_calibration": self.n,
-            "method": "split conformal: k-th smallest score, k = ceil((n + 1)(1 - target_fpr))",
+            "protocol": self.protocol,
+            "method": "conformal: k-th smallest score, k = ceil((n + 1)(1 - target_fpr))",
             "scores": list(self.scores),
         }
 
@@ -165,8 +193,12 @@ class Calibration:
             complexity_level=int(d.get("complexity_level", 1)),
             # calibrations written before the codec was recorded used the standard zlib
             complexity_codec=str(d.get("complexity_codec", "zlib")),
+            complexity_cap=None if d.get("complexity_cap") is None else float(d["complexity_cap"]),
+            protocol=str(d.get("protocol", "split")),
         )
+        _check_protocol(cal.protocol)
         check_codec(cal.complexity_codec, cal.complexity_level)
+        _check_cap(cal.complexity_cap)
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")
         return cal

@@ -21,9 +21,11 @@ from training.train import TrainConfig
 
 # Settings of the session's tiny detector: an MLP VAE on digits class 0 (about two seconds on CPU).
 TINY_MODEL = ModelOptions(architecture="mlp", latent_dim=4, widths=(64, 32))
-TINY_TRAIN = TrainConfig(epochs=40, batch_size=32, lr=3e-3, patience=0, seed=0, device="cpu")
+TINY_TRAIN = TrainConfig(
+    epochs=40, batch_size=32, lr=3e-3, patience=0, min_steps=0, seed=0, device="cpu"
+)
 TINY_DATA = DataOptions(dataset="digits", normal_class=0, cal_fraction=0.25, val_fraction=0.15)
-TINY_CAL = CalibrationOptions(target_fpr=0.05)
+TINY_CAL = CalibrationOptions(target_fpr=0.05, method="split")
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,40 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from detector.complexity import DEFAULT_CODEC
+from detector.complexity import DEFAULT_CODEC, complexity_nats
 from detector.detector import Detector
+from detector.errors import ConfigError
 from detector.model import VAE
 from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
 
 DEFAULT_TARGET_FPR = 0.01
+# The complexity credit stops at this quantile of the validation normals' complexity (0.5: the
+# median); docs/experiments.md, "Capping the complexity credit".
+DEFAULT_COMPLEXITY_CAP_QUANTILE = 0.5
+
+
+def complexity_cap(
+    x_reference: npt.NDArray[np.float32],
+    input_spec: InputSpec,
+    quantile: float | None,
+    *,
+    level: int = 1,
+    codec: str = DEFAULT_CODEC,
+) -> float | None:
+    """The cap on the complexity credit: a quantile of L(x) over held-out normal rows (never the
+    calibration rows, whose scores must not shape the score). None: uncapped."""
+    if quantile is None:
+        return None
+    if not 0.0 < quantile <= 1.0:
+        raise ConfigError(f"complexity cap quantile must be in (0, 1], got {quantile}")
+    if input_spec.value_range is None:
+        raise ConfigError("the complexity correction needs inputs with a known value range")
+    if x_reference.shape[0] == 0:
+        raise ConfigError("the complexity cap needs at least one held-out normal row")
+    flat = np.ascontiguousarray(x_reference.reshape(x_reference.shape[0], -1), dtype=np.float32)
+    lengths = complexity_nats(flat, input_spec.value_range, level=level, codec=codec)
+    return float(np.quantile(lengths, quantile))
 
 
 def calibrate(
@@ -25,6 +52,7 @@ def calibrate(
     complexity_weight: float = 0.0,
     complexity_level: int = 1,
     complexity_codec: str = DEFAULT_CODEC,
+    complexity_cap: float | None = None,
     device: str = "cpu",
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
@@ -36,6 +64,7 @@ def calibrate(
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
+        complexity_cap=complexity_cap,
     )["score"]
     return Calibration.fit(
         scores,
@@ -45,4 +74,5 @@ def calibrate(
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
+        complexity_cap=complexity_cap,
     )

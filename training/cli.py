@@ -84,6 +84,20 @@ def _sigma(s: str) -> float | None:
     return v
 
 
+def _cap_quantile(s: str) -> float | None:
+    if s.lower() == "none":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a quantile in (0, 1] or 'none', got {s}"
+        ) from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a quantile in (0, 1] or 'none', got {s}")
+    return v
+
+
 def _add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -115,7 +129,19 @@ def _add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
     )
     g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=tc.epochs, help="maximum epochs")
+    g.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=tc.epochs,
+        help="maximum epochs (small data gets more: see --min-steps)",
+    )
+    g.add_argument(
+        "--min-steps",
+        type=int,
+        default=tc.min_steps,
+        help="train for at least this many optimiser steps: data too small for them in --epochs "
+        "gets proportionally more epochs and patience (0 = exactly --epochs)",
+    )
     g.add_argument("--batch-size", type=_positive_int, default=tc.batch_size)
     g.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=tc.weight_decay)
@@ -151,10 +177,10 @@ def _add_scored_data_args(p: argparse.ArgumentParser, labels_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from training.calibrate import DEFAULT_TARGET_FPR
     from training.data import ENV_DATA_DIR
-    from training.pipeline import DataOptions, ModelOptions
+    from training.pipeline import CalibrationOptions, DataOptions, ModelOptions
     from training.train import TrainConfig
 
-    tc, mo, do = TrainConfig(), ModelOptions(), DataOptions()
+    tc, mo, do, co = TrainConfig(), ModelOptions(), DataOptions(), CalibrationOptions()
     fmt = _HelpFormatter
     p = _Parser(
         prog=PROG,
@@ -245,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="subtract this times the input's DEFLATE code length (nats) from the -ELBO (Serra et al. "
         "2020); default: 1 for data with a value range (images), 0 otherwise",
+    )
+    g.add_argument(
+        "--complexity-cap",
+        type=_cap_quantile,
+        default=co.complexity_cap_quantile,
+        help="the complexity credit stops at this quantile of the validation images' complexity "
+        "(0.5 = their median), so inputs more complex than the normal data gain nothing from it; "
+        "'none' = uncapped",
+    )
+    g.add_argument(
+        "--calibration",
+        choices=["auto", "split", "cross-fit"],
+        default="auto",
+        help="split: score the held-out calibration rows; cross-fit: 5 extra models, each scoring "
+        "the fifth of the normal rows it never saw, so every row is a calibration point; auto: "
+        "cross-fit when the calibration split has fewer than 2 / target FPR rows",
     )
     g = tr.add_argument_group("output")
     g.add_argument("--out", required=True, help="artifact directory to write")
@@ -582,6 +624,7 @@ def _train_config(args: argparse.Namespace, **override: Any) -> Any:
         lr=args.lr,
         weight_decay=args.weight_decay,
         patience=args.patience,
+        min_steps=args.min_steps,
         kl_warmup_epochs=args.kl_warmup,
         seed=args.seed,
         device=args.device,
@@ -599,7 +642,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         _train_config(args),
     )
     if args.quick:
-        classes, methods, train = (0, 1), ("vae", "pca"), _train_config(args, epochs=5)
+        classes, methods, train = (0, 1), ("vae", "pca"), _train_config(args, epochs=5, min_steps=0)
     calibration = CalibrationOptions(
         target_fpr=args.target_fpr, complexity_weight=args.complexity_weight
     )
@@ -674,6 +717,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             score_kind=args.score,
             score_samples=args.score_samples,
             complexity_weight=args.complexity_weight,
+            complexity_cap_quantile=args.complexity_cap,
+            method=args.calibration,
         ),
         out=args.out,
         overwrite=args.overwrite,

@@ -21,10 +21,18 @@ from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError
 from detector.model import VAE, VAEConfig
 from detector.spec import InputSpec
-from detector.threshold import validate_fpr
-from training.calibrate import DEFAULT_TARGET_FPR, calibrate
+from detector.threshold import Calibration, validate_fpr
+from training.calibrate import (
+    DEFAULT_COMPLEXITY_CAP_QUANTILE,
+    DEFAULT_TARGET_FPR,
+    calibrate,
+    complexity_cap,
+)
 from training.data import Dataset, Split, load_dataset, one_vs_rest, split_normal
-from training.train import TrainConfig, fit
+from training.train import TrainConfig, TrainResult, fit
+
+CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
+CROSS_FIT_FOLDS = 5
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,13 @@ class CalibrationOptions:
     complexity_weight: float | None = None
     complexity_level: int = DEFAULT_LEVEL  # compression level of the complexity term
     complexity_codec: str = DEFAULT_CODEC  # its compressor (detector.complexity.CODECS)
+    # The credit min(L(x), cap) stops at this quantile of the validation normals' L (None =
+    # uncapped): on MNIST the capped term keeps the correction's gain, on Fashion-MNIST it no
+    # longer hands complex anomalies a discount (docs/experiments.md).
+    complexity_cap_quantile: float | None = DEFAULT_COMPLEXITY_CAP_QUANTILE
+    # split: score the held-out calibration rows; cross-fit: K-fold out-of-fold scores of every
+    # normal row; auto: cross-fit when the calibration split is too small (calibration_method).
+    method: str = "auto"
 
     def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
         if self.complexity_weight is None:
@@ -174,34 +189,41 @@ def train_detector(
         value_range=(0.0, 1.0) if cfg.likelihood == "bernoulli" else ds.value_range,
         preprocessing=ds.preprocessing,
     )
-    validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
+    method = calibration_method(cal_opts, split.x_cal.shape[0])
+    if method == "cross-fit":
+        split = cross_fit_split(split, data.val_fraction, seed=data.split_seed)
+    validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
 
-    torch.manual_seed(train.seed)
-    vae = VAE(cfg)
     x_train = _flat(split.x_train, cfg)
-    if cfg.likelihood == "gaussian" and not in_unit:
-        # Real-valued features: standardise with the training data's statistics (saved with the
-        # weights). Data already in [0, 1] (images) is modelled as it is.
-        std = x_train.std(axis=0)
-        vae.set_standardization(
-            torch.from_numpy(x_train.mean(axis=0)),
-            torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
-        )
     log.info("training %s VAE on %d normal samples (%s)", cfg.architecture, len(x_train), device)
-    result = fit(vae, x_train, _flat(split.x_val, cfg), train, progress=progress)
-    cal = calibrate(
-        result.model,
-        split.x_cal,
-        spec,
-        target_fpr=cal_opts.target_fpr,
-        score_kind=cal_opts.score_kind,
-        score_samples=cal_opts.score_samples,
-        complexity_weight=complexity_weight,
-        complexity_level=cal_opts.complexity_level,
-        complexity_codec=cal_opts.complexity_codec,
-        device=str(device),
+    result = _fit_one(cfg, x_train, _flat(split.x_val, cfg), train, in_unit, progress, "training")
+    cap = (
+        complexity_cap(
+            split.x_val,
+            spec,
+            cal_opts.complexity_cap_quantile,
+            level=cal_opts.complexity_level,
+            codec=cal_opts.complexity_codec,
+        )
+        if complexity_weight
+        else None
     )
+    settings: dict[str, Any] = {
+        "target_fpr": cal_opts.target_fpr,
+        "score_kind": cal_opts.score_kind,
+        "score_samples": cal_opts.score_samples,
+        "complexity_weight": complexity_weight,
+        "complexity_level": cal_opts.complexity_level,
+        "complexity_codec": cal_opts.complexity_codec,
+        "complexity_cap": cap,
+    }
+    if method == "cross-fit":
+        cal = _cross_fit_calibration(
+            split, cfg, spec, train, in_unit, settings, progress, str(device), data.split_seed
+        )
+    else:
+        cal = calibrate(result.model, split.x_cal, spec, device=str(device), **settings)
     metrics = {
         "history": result.history,
         "best_epoch": result.best_epoch,
@@ -210,6 +232,7 @@ def train_detector(
         "train_seconds": result.seconds,
         "split": split.info,
         "calibration": {
+            "method": method,
             "n": cal.n,
             "threshold": cal.threshold,
             "target_fpr": cal.target_fpr,
@@ -242,6 +265,117 @@ def train_detector(
         )
         detector = Detector.load(out_path, device=device)
     return TrainOutcome(detector=detector, split=split, dataset=ds, path=out_path, metrics=metrics)
+
+
+def calibration_method(opts: CalibrationOptions, n_cal: int) -> str:
+    """``split`` (score the held-out calibration rows) or ``cross-fit`` (every normal row is
+    scored once by a model that never saw it). ``auto``: cross-fit when the calibration split
+    holds fewer than 2 / target_fpr rows (200 for 1 %), so small data calibrates at the target
+    it asked for."""
+    if opts.method not in CALIBRATION_METHODS:
+        raise ConfigError(
+            f"unknown calibration method {opts.method!r}; choose one of {CALIBRATION_METHODS}"
+        )
+    if opts.method != "auto":
+        return opts.method
+    return "cross-fit" if n_cal * opts.target_fpr < 2.0 else "split"
+
+
+def cross_fit_split(split: Split, val_fraction: float, *, seed: int) -> Split:
+    """Pool train, validation and calibration rows; the final model trains on all but a
+    validation share, and every pooled row becomes a calibration row (scored out of fold)."""
+    pool = np.concatenate([split.x_train, split.x_val, split.x_cal])
+    n = pool.shape[0]
+    n_val = max(1, round(val_fraction * n))
+    if n - n_val < 2 * CROSS_FIT_FOLDS:
+        raise DataError(f"only {n} normal samples: too few for {CROSS_FIT_FOLDS}-fold calibration")
+    perm = np.random.default_rng(seed).permutation(n)
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    info = {
+        **split.info,
+        "calibration": "cross-fit",
+        "folds": CROSS_FIT_FOLDS,
+        "n_train": int(train.size),
+        "n_val": int(val.size),
+        "n_cal": int(n),
+    }
+    return Split(
+        x_train=pool[train],
+        x_val=pool[val],
+        x_cal=pool,
+        x_test=split.x_test,
+        y_test=split.y_test,
+        labels_test=split.labels_test,
+        info=info,
+    )
+
+
+def _fit_one(
+    cfg: VAEConfig,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    train: TrainConfig,
+    in_unit: bool,
+    progress: bool | None,
+    desc: str,
+) -> TrainResult:
+    torch.manual_seed(train.seed)
+    vae = VAE(cfg)
+    if cfg.likelihood == "gaussian" and not in_unit:
+        # Real-valued features: standardise with the training data's statistics (saved with the
+        # weights). Data already in [0, 1] (images) is modelled as it is.
+        std = x_train.std(axis=0)
+        vae.set_standardization(
+            torch.from_numpy(x_train.mean(axis=0)),
+            torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
+        )
+    return fit(vae, x_train, x_val, train, progress=progress, desc=desc)
+
+
+def _cross_fit_calibration(
+    split: Split,
+    cfg: VAEConfig,
+    spec: InputSpec,
+    train: TrainConfig,
+    in_unit: bool,
+    settings: dict[str, Any],
+    progress: bool | None,
+    device: str,
+    seed: int,
+) -> Calibration:
+    """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
+    2015): fold k's rows are scored by a model trained on the other folds only, with the final
+    model's score settings (the complexity cap included)."""
+    pool = split.x_cal
+    n = pool.shape[0]
+    folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
+    scores = np.empty(n, np.float64)
+    val_fraction = split.info.get("val_fraction", 0.1)
+    for k, held in enumerate(folds):
+        rest = np.setdiff1d(np.arange(n), held)
+        rng = np.random.default_rng(seed + 2 + k)
+        rest = rng.permutation(rest)
+        n_val = max(1, round(val_fraction * n))
+        val, tr = np.sort(rest[:n_val]), np.sort(rest[n_val:])
+        fold = _fit_one(
+            cfg,
+            _flat(pool[tr], cfg),
+            _flat(pool[val], cfg),
+            train,
+            in_unit,
+            progress,
+            f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
+        )
+        scores[held] = Detector(fold.model, None, spec, device=device).score_parts(
+            pool[held],
+            kind=settings["score_kind"],
+            samples=settings["score_samples"],
+            complexity_weight=settings["complexity_weight"],
+            complexity_level=settings["complexity_level"],
+            complexity_codec=settings["complexity_codec"],
+            complexity_cap=settings["complexity_cap"],
+        )["score"]
+    return Calibration.fit(scores, **settings, protocol="cross-fit")
 
 
 def _flat(x: npt.NDArray[np.float32], cfg: VAEConfig) -> npt.NDArray[np.float32]:

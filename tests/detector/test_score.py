@@ -18,13 +18,24 @@ def _pool(digits: Dataset) -> np.ndarray:
 
 def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     det = trained.detector
-    assert det.calibration is not None and det.calibration.complexity_weight == 1.0  # images: on
+    cal = det.calibration
+    assert cal is not None and cal.complexity_weight == 1.0  # images: on
+    assert cal.complexity_cap is not None  # capped at the validation images' median L
     parts = det.score_parts(_pool(digits))
     np.testing.assert_allclose(
-        parts["reconstruction"] + parts["kl"] - parts["complexity"],
+        parts["reconstruction"] + parts["kl"] - np.minimum(parts["complexity"], cal.complexity_cap),
         parts["score"],
         rtol=1e-6,
         atol=1e-3,  # the parts are summed in float32 inside the model
+    )
+    assert (parts["complexity"] > cal.complexity_cap).any()  # the cap is in the data's range
+    assert (parts["complexity"] < cal.complexity_cap).any()
+    uncapped = det.score_parts(_pool(digits), complexity_cap=float("inf"))
+    np.testing.assert_allclose(
+        uncapped["reconstruction"] + uncapped["kl"] - uncapped["complexity"],
+        uncapped["score"],
+        rtol=1e-6,
+        atol=1e-3,
     )
     assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
     plain = det.score_parts(_pool(digits), complexity_weight=0.0)

@@ -85,3 +85,29 @@ def test_calibration_dict_round_trip_and_refit() -> None:
     bad = cal.to_dict() | {"n_calibration": 3}
     with pytest.raises(ConfigError, match="n_calibration"):
         Calibration.from_dict(bad)
+
+
+def test_calibration_records_cap_and_protocol() -> None:
+    cal = Calibration.fit(np.arange(200.0), 0.02, complexity_weight=1.0, complexity_cap=300.0)
+    assert cal.protocol == "split"
+    xf = Calibration.fit(np.arange(200.0), 0.02, protocol="cross-fit")
+    for c in (cal, xf):
+        assert Calibration.from_dict(c.to_dict()) == c
+    old = cal.to_dict()
+    del old["complexity_cap"], old["protocol"]  # written before either existed
+    back = Calibration.from_dict(old)
+    assert back.complexity_cap is None and back.protocol == "split"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"complexity_cap": -1.0}, "complexity cap must be a finite number >= 0"),
+        ({"complexity_cap": float("nan")}, "complexity cap must be a finite number >= 0"),
+        ({"protocol": "jackknife"}, "unknown calibration protocol 'jackknife'"),
+    ],
+)
+def test_calibration_refuses_bad_cap_or_protocol(change: dict, match: str) -> None:
+    d = Calibration.fit(np.arange(200.0), 0.02).to_dict() | change
+    with pytest.raises(ConfigError, match=match):
+        Calibration.from_dict(d)

@@ -17,7 +17,7 @@ FAST = dict(
     classes=(0, 1),
     methods=("vae", "pca", "iforest"),
     model=ModelOptions(latent_dim=4, widths=(64, 32)),
-    train=TrainConfig(epochs=15, batch_size=32, lr=3e-3, device="cpu"),
+    train=TrainConfig(epochs=15, batch_size=32, lr=3e-3, min_steps=0, device="cpu"),
     calibration=CalibrationOptions(target_fpr=0.1),
 )
 

@@ -65,7 +65,7 @@ def test_short_training_on_class_0_detects_other_digits(mnist: D.Dataset) -> Non
     outcome = train_detector(
         DataOptions(dataset="mnist", normal_class=0),
         ModelOptions(),
-        TrainConfig(epochs=4, device="cpu"),
+        TrainConfig(epochs=4, min_steps=0, device="cpu"),
         progress=False,
         dataset=mnist,
     )

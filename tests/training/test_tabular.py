@@ -108,7 +108,7 @@ def test_tabular_suite_reports_means_and_ranks(
         split_seeds=(0, 1),
         methods=("vae", "pca", "knn"),
         model=ModelOptions(latent_dim=4, widths=(32, 16)),
-        train=TrainConfig(epochs=10, batch_size=32, lr=3e-3, device="cpu"),
+        train=TrainConfig(epochs=10, batch_size=32, lr=3e-3, min_steps=0, device="cpu"),
         calibration=CalibrationOptions(target_fpr=0.1),
     )
     lines: list[str] = []
