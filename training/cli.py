@@ -317,8 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bm.add_argument(
         "--suite",
-        choices=["images", "tabular"],
-        help="run a suite of data sets instead of one --dataset",
+        choices=["images", "tabular", "small-data"],
+        help="run a suite of data sets instead of one --dataset; small-data: does the 1 %% "
+        "false-alarm target hold when a user brings only --rows normal rows?",
+    )
+    bm.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=250,
+        help="small-data suite: normal rows per draw",
+    )
+    bm.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="small-data suite: random draws per data set",
     )
     bm.add_argument(
         "--classes",
@@ -646,6 +659,24 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     calibration = CalibrationOptions(
         target_fpr=args.target_fpr, complexity_weight=args.complexity_weight
     )
+    if args.suite == "small-data":
+        from training.benchmark import SmallDataConfig, run_small_data, small_data_markdown
+
+        small = run_small_data(
+            SmallDataConfig(
+                n_rows=args.rows,
+                repeats=args.repeats,
+                model=_model_options(args),
+                train=train,
+                calibration=calibration,
+            ),
+            args.out,
+            echo=_out,
+        )
+        _out("")
+        _out(small_data_markdown(small))
+        _out(f"results in {args.out}/small_data.json, small_data.md")
+        return 0
     if args.suite:
         from training.benchmark import SuiteConfig, run_suite, suite_markdown
 

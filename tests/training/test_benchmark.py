@@ -76,3 +76,34 @@ def test_quick_benchmark_on_mnist_passes_its_floor(
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["classes"] == [0, 1] and set(res["methods"]) == {"vae", "pca"}
     assert all(v["auroc"] > 0.9 for v in res["methods"]["vae"]["per_class"].values())
+
+
+def test_small_data_benchmark_measures_fpr_on_fresh_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = B.SmallDataConfig(
+        datasets=("breast-cancer",),
+        n_rows=250,
+        repeats=2,
+        model=ModelOptions(latent_dim=4, widths=(32, 16)),
+        train=TrainConfig(epochs=10, batch_size=32, min_steps=200, device="cpu"),
+    )
+    lines: list[str] = []
+    report = B.run_small_data(cfg, tmp_path, echo=lines.append)
+    assert len(lines) == 2
+    runs = report["datasets"]["breast-cancer"]["runs"]
+    for r in runs:
+        # 250 rows cannot hold out 100 for a 1 % target: every row is calibrated out of fold
+        assert r["protocol"] == "cross-fit" and r["n_calibration"] == 250
+        assert r["target_fpr"] == 0.01 and r["n_fresh_normal"] == 357 - 250
+        assert 0 <= r["observed_fpr"] <= 1 and 0.5 < r["auroc"] <= 1
+    assert report["mean_observed_fpr"] == pytest.approx(sum(r["observed_fpr"] for r in runs) / 2)
+    assert "| breast-cancer |" in (tmp_path / "small_data.md").read_text()
+
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("retrained a cached run")
+
+    monkeypatch.setattr(B, "train_detector", no_training)
+    assert B.run_small_data(cfg, tmp_path) == {**report, "machine": report["machine"]}
+    with pytest.raises(ConfigError, match="wine has 119 normal rows"):
+        B.run_small_data(B.SmallDataConfig(datasets=("wine",)), tmp_path)
