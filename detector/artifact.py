@@ -4,6 +4,7 @@
 
     model-dir/
       weights.safetensors   tensors only (safetensors: no pickle, nothing runs on load)
+      reference.safetensors the training rows' posterior means, for the neighbour term (when on)
       config.json           model config, input spec, training config, data provenance, versions
       calibration.json      score kind, target FPR, threshold, the calibration scores (p-values)
       metrics.json          training history and validation figures
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from detector._io import OutputExistsError, atomic_directory, write_json
@@ -47,6 +48,8 @@ CONFIG = "config.json"
 CALIBRATION = "calibration.json"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
+REFERENCE = "reference.safetensors"
+REFERENCE_TENSOR = "latent_means"
 REQUIRED_FILES: tuple[str, ...] = (WEIGHTS, CONFIG, CALIBRATION, METRICS)
 
 
@@ -61,6 +64,7 @@ class Artifact:
     config: dict[str, Any]  # the whole config.json
     metrics: dict[str, Any]
     manifest: dict[str, Any]
+    reference: torch.Tensor | None = None  # (n_reference, latent) posterior means
 
     @property
     def model_version(self) -> str:
@@ -92,9 +96,15 @@ def save(
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
+    reference: torch.Tensor | None = None,
 ) -> Path:
     """Write the artifact directory atomically; returns its path."""
     target = Path(path)
+    n_ref = 0 if reference is None else int(reference.shape[0])
+    if calibration.n_reference != n_ref:
+        raise ArtifactError(
+            f"the calibration expects {calibration.n_reference} reference rows, got {n_ref}"
+        )
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -112,7 +122,13 @@ def save(
             )
             write_json(tmp / CALIBRATION, calibration.to_dict())
             write_json(tmp / METRICS, metrics or {})
-            files = {name: _file_entry(tmp / name) for name in REQUIRED_FILES}
+            names = list(REQUIRED_FILES)
+            if reference is not None:
+                ref = reference.detach().to("cpu", torch.float32).contiguous()
+                save_file({REFERENCE_TENSOR: ref}, str(tmp / REFERENCE), metadata={"format": "pt"})
+                _fsync(tmp / REFERENCE)
+                names.append(REFERENCE)
+            files = {name: _file_entry(tmp / name) for name in names}
             digest = hashlib.sha256(
                 "".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)).encode()
             ).hexdigest()
@@ -174,6 +190,14 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactIntegrityError(f"{root / WEIGHTS} cannot be loaded: {first}") from e
     model.to(device).eval()
+    reference = None
+    if calibration.n_reference:
+        if REFERENCE not in files:
+            raise ArtifactIntegrityError(
+                f"{root / MANIFEST} does not list {REFERENCE}, which the calibration's neighbour "
+                "term needs"
+            )
+        reference = _load_reference(root / REFERENCE, calibration.n_reference, model_config)
     return Artifact(
         path=root,
         model=model,
@@ -182,7 +206,33 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         config=config,
         metrics=metrics,
         manifest=manifest,
+        reference=reference.to(device) if reference is not None else None,
     )
+
+
+def _load_reference(path: Path, n: int, config: VAEConfig) -> torch.Tensor:
+    """The reference posterior means, checked against the header before any tensor is read."""
+    expected = [n, config.latent_dim]
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if keys != [REFERENCE_TENSOR]:
+                raise ArtifactIntegrityError(
+                    f"{path} must hold exactly one tensor {REFERENCE_TENSOR!r}, found {keys}"
+                )
+            sl = f.get_slice(REFERENCE_TENSOR)
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+            if shape != expected or dtype != "F32":
+                raise ArtifactIntegrityError(
+                    f"{path}: {REFERENCE_TENSOR} is {dtype} {shape}, expected F32 {expected}"
+                )
+            ref = f.get_tensor(REFERENCE_TENSOR)
+    except (SafetensorError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+    if not torch.isfinite(ref).all():
+        raise ArtifactIntegrityError(f"{path}: {REFERENCE_TENSOR} holds NaN or infinity")
+    return ref
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -20,7 +20,8 @@ from detector import artifact as _artifact
 from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL, complexity_nats
 from detector.errors import ConfigError, InputError, NotCalibratedError
 from detector.model import VAE
-from detector.score import ScoreParts, elbo_score, score_batch, score_definition
+from detector.neighbours import DEFAULT_K, neighbour_distance
+from detector.score import ScoreParts, score_batch, score_definition
 from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
 
@@ -32,9 +33,14 @@ class _ELBOGraph(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p = elbo_score(self.model, x)
-        return p.score, p.reconstruction, p.kl
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the ops of detector.score.elbo_score, plus the posterior mean for the neighbour term
+        mu, logvar = self.model.encode(x)  # (B, latent) each
+        reconstruction = self.model.nll(x, self.model.decode(mu))  # (B,)
+        kl = self.model.kl(mu, logvar)  # (B,)
+        return reconstruction + kl, reconstruction, kl, mu
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,14 +64,16 @@ class DetectionResult:
     """Per-sample results, each an array of length N.
 
     ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
-    input-complexity correction is on (``complexity`` is 0 when it is off); higher = more
-    anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
+    input-complexity correction is on (``complexity`` is 0 when it is off), plus
+    ``neighbour_weight * neighbour`` (the latent distance to the training data; 0 when off);
+    higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
     """
 
     score: npt.NDArray[np.float64]
     reconstruction: npt.NDArray[np.float64]
     kl: npt.NDArray[np.float64]
     complexity: npt.NDArray[np.float64]
+    neighbour: npt.NDArray[np.float64]
     p_value: npt.NDArray[np.float64]
     is_anomaly: npt.NDArray[np.bool_]
     threshold: float
@@ -79,6 +87,7 @@ class DetectionResult:
             "reconstruction": self.reconstruction,
             "kl": self.kl,
             "complexity": self.complexity,
+            "neighbour": self.neighbour,
             "p_value": self.p_value,
             "is_anomaly": self.is_anomaly,
         }
@@ -101,11 +110,29 @@ class Detector:
         metadata: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        reference: npt.ArrayLike | torch.Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        # Posterior means of the training rows, (N, latent): the neighbour term's reference.
+        self.reference: torch.Tensor | None = None
+        if reference is not None:
+            ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
+            if ref.ndim != 2 or ref.shape[1] != model.config.latent_dim or ref.shape[0] < 1:
+                raise ConfigError(
+                    f"latent reference must be (N >= 1, {model.config.latent_dim}), got "
+                    f"{tuple(ref.shape)}"
+                )
+            self.reference = ref.to(self.device)
+        if calibration is not None and calibration.neighbour_weight > 0:
+            n = 0 if self.reference is None else int(self.reference.shape[0])
+            if n != calibration.n_reference:
+                raise ConfigError(
+                    f"the calibration's neighbour term needs {calibration.n_reference} reference "
+                    f"rows, got {n}"
+                )
         self.calibration = calibration
         self.input_spec = input_spec
         self.model_version = model_version
@@ -137,6 +164,7 @@ class Detector:
             },
             device=dev,
             batch_size=batch_size,
+            reference=art.reference,
         )
 
     @property
@@ -149,7 +177,12 @@ class Detector:
         if cal is None:
             return score_definition(0.0)
         return score_definition(
-            cal.complexity_weight, cal.complexity_codec, cal.complexity_level, cal.complexity_cap
+            cal.complexity_weight,
+            cal.complexity_codec,
+            cal.complexity_level,
+            cal.complexity_cap,
+            cal.neighbour_weight,
+            cal.neighbour_k,
         )
 
     def _calibration(self) -> Calibration:
@@ -169,6 +202,7 @@ class Detector:
             metadata=self.metadata,
             device=self.device,
             batch_size=self.batch_size,
+            reference=self.reference,
         )
         other._traced = self._traced  # same model, same graph
         return other
@@ -184,12 +218,14 @@ class Detector:
         complexity_level: int | None = None,
         complexity_codec: str | None = None,
         complexity_cap: float | None = None,
+        neighbour_weight: float | None = None,
         name: str = "X",
     ) -> dict[str, npt.NDArray[np.float64]]:
         """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
 
         Needs no calibration. The score's settings (kind elbo / iwae, its sample count, the
-        complexity weight, cap and codec) default to the calibration's, else the plain ELBO.
+        complexity weight, cap and codec, the neighbour weight) default to the calibration's,
+        else the plain ELBO. The ``neighbour`` part is computed whenever reference rows exist.
         ``name`` is what error messages call ``x``.
         """
         arr = validate_samples(x, self.input_spec, name=name)
@@ -200,6 +236,7 @@ class Detector:
             complexity_level=complexity_level,
             complexity_codec=complexity_codec,
             complexity_cap=complexity_cap,
+            neighbour_weight=neighbour_weight,
         )
         return self._score_array(arr, **settings)
 
@@ -217,6 +254,8 @@ class Detector:
                 "complexity_level": cal.complexity_level,
                 "complexity_codec": cal.complexity_codec,
                 "complexity_cap": cal.complexity_cap,
+                "neighbour_weight": cal.neighbour_weight,
+                "neighbour_k": cal.neighbour_k,
             }
             if cal
             else {
@@ -226,6 +265,8 @@ class Detector:
                 "complexity_level": DEFAULT_LEVEL,
                 "complexity_codec": DEFAULT_CODEC,
                 "complexity_cap": None,
+                "neighbour_weight": 0.0,
+                "neighbour_k": DEFAULT_K,
             }
         )
         settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -245,6 +286,7 @@ class Detector:
             reconstruction=parts["reconstruction"],
             kl=parts["kl"],
             complexity=parts["complexity"],
+            neighbour=parts["neighbour"],
             p_value=cal.p_values(parts["score"]),
             is_anomaly=cal.flags(parts["score"]),
             threshold=cal.threshold,
@@ -310,8 +352,12 @@ class Detector:
         complexity_level: int,
         complexity_codec: str,
         complexity_cap: float | None,
+        neighbour_weight: float,
+        neighbour_k: int,
     ) -> dict[str, npt.NDArray[np.float64]]:
-        parts = self._model_parts(arr, kind, samples)
+        if neighbour_weight > 0 and self.reference is None:
+            raise ConfigError("the neighbour term needs reference rows; this detector has none")
+        parts = self._model_parts(arr, kind, samples, neighbour_k)
         if complexity_weight:
             if self.input_spec.value_range is None:
                 raise ConfigError(
@@ -327,26 +373,42 @@ class Detector:
             parts["score"] = parts["score"] - complexity_weight * credit
         else:
             parts["complexity"] = np.zeros_like(parts["score"])
+        if neighbour_weight:
+            parts["score"] = parts["score"] + neighbour_weight * parts["neighbour"]
         return parts
 
     @torch.inference_mode()
     def _model_parts(
-        self, arr: npt.NDArray[np.float32], kind: str, samples: int
+        self,
+        arr: npt.NDArray[np.float32],
+        kind: str,
+        samples: int,
+        neighbour_k: int = DEFAULT_K,
     ) -> dict[str, npt.NDArray[np.float64]]:
+        """The model's parts per row, and the neighbour distance when reference rows exist."""
         chunks: list[ScoreParts] = []
+        near: list[torch.Tensor] = []
         graph = self._elbo_graph() if kind == "elbo" else None
+        shape = self.model.config.input_shape
         for start in range(0, arr.shape[0], self.batch_size):
             xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+            xb = xb.reshape(xb.shape[0], *shape)
             if graph is not None:
-                chunks.append(
-                    ScoreParts(*graph(xb.reshape(xb.shape[0], *self.model.config.input_shape)))
-                )
+                score, reconstruction, kl, mu = graph(xb)
+                chunks.append(ScoreParts(score, reconstruction, kl))
             else:
                 chunks.append(score_batch(self.model, xb, kind, samples))
-        return {
+                mu = self.model.encode(xb)[0] if self.reference is not None else None
+            if self.reference is not None and mu is not None:
+                near.append(neighbour_distance(mu, self.reference, neighbour_k))
+        out = {
             name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
             for name in ("score", "reconstruction", "kl")
         }
+        out["neighbour"] = (
+            torch.cat(near).double().cpu().numpy() if near else np.zeros_like(out["score"])
+        )
+        return out
 
     def describe(self) -> dict[str, Any]:
         """Metadata for ``info`` and serving: version, input spec, threshold, provenance."""
@@ -357,6 +419,8 @@ class Detector:
             "score_definition": self.score_definition,
             "complexity_weight": cal.complexity_weight if cal else 0.0,
             "complexity_cap": cal.complexity_cap if cal else None,
+            "neighbour_weight": cal.neighbour_weight if cal else 0.0,
+            "n_reference": 0 if self.reference is None else int(self.reference.shape[0]),
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),
             "threshold": cal.threshold if cal else None,

@@ -44,10 +44,23 @@ def score_definition(
     codec: str = "zlib-ng",
     level: int = 1,
     cap: float | None = None,
+    neighbour_weight: float = 0.0,
+    neighbour_k: int = 5,
 ) -> str:
     """The score's definition in words, for responses and ``info``."""
+    near = (
+        ""
+        if not neighbour_weight
+        else f" + {neighbour_weight:.4g} * neighbour, where neighbour = the distance from the "
+        f"posterior mean E[z|x] to its {neighbour_k}th nearest training posterior mean"
+    )
     if not complexity_weight:
-        return SCORE_DEFINITION
+        if not near:
+            return SCORE_DEFINITION
+        return (
+            f"score = reconstruction + kl{near} (higher = more anomalous); reconstruction = "
+            "-log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), in nats"
+        )
     w = "" if complexity_weight == 1 else f"{complexity_weight:g} * "
     term = "complexity" if cap is None else f"min(complexity, {cap:.1f})"
     capped = (
@@ -57,7 +70,7 @@ def score_definition(
         "normal validation data, so inputs more complex than the normal data gain nothing from it"
     )
     return (
-        f"score = reconstruction + kl - {w}{term} in nats (higher = more anomalous): the -ELBO "
+        f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
         f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
         "reconstruction = -log p(x|z) at "
         "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = DEFLATE code length "

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from detector.complexity import DEFAULT_CODEC, check_codec, codec_version
 from detector.errors import ConfigError, FPRError
+from detector.neighbours import DEFAULT_K, MAX_REFERENCE_ROWS
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -84,6 +85,19 @@ def _check_cap(cap: float | None) -> None:
 PROTOCOLS: tuple[str, ...] = ("split", "cross-fit")
 
 
+def _check_neighbours(weight: float, k: int, n_reference: int) -> None:
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ConfigError(f"neighbour weight must be a finite number >= 0, got {weight}")
+    if k < 1:
+        raise ConfigError(f"neighbour k must be >= 1, got {k}")
+    if not 0 <= n_reference <= MAX_REFERENCE_ROWS:
+        raise ConfigError(
+            f"n_reference must be between 0 and {MAX_REFERENCE_ROWS}, got {n_reference}"
+        )
+    if weight > 0 and n_reference < 1:
+        raise ConfigError("a neighbour weight > 0 needs reference rows (n_reference >= 1)")
+
+
 def _check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown calibration protocol {protocol!r}; choose one of {PROTOCOLS}")
@@ -108,6 +122,14 @@ class Calibration:
     # this model) or "cross-fit" (every normal row scored out of fold by a model of K that never
     # saw it; training.pipeline).
     protocol: str = "split"
+    # score += neighbour_weight * (distance from E[z|x] to its neighbour_k-th nearest training
+    # posterior mean); the n_reference means are stored beside the weights (detector.neighbours).
+    neighbour_weight: float = 0.0
+    neighbour_k: int = DEFAULT_K
+    n_reference: int = 0
+
+    def __post_init__(self) -> None:
+        _check_neighbours(self.neighbour_weight, self.neighbour_k, self.n_reference)
 
     @classmethod
     def fit(
@@ -122,6 +144,9 @@ class Calibration:
         complexity_codec: str = DEFAULT_CODEC,
         complexity_cap: float | None = None,
         protocol: str = "split",
+        neighbour_weight: float = 0.0,
+        neighbour_k: int = DEFAULT_K,
+        n_reference: int = 0,
     ) -> Calibration:
         check_codec(complexity_codec, complexity_level)
         _check_protocol(protocol)
@@ -139,6 +164,9 @@ class Calibration:
             complexity_codec=str(complexity_codec),
             complexity_cap=None if complexity_cap is None else float(complexity_cap),
             protocol=protocol,
+            neighbour_weight=float(neighbour_weight),
+            neighbour_k=int(neighbour_k),
+            n_reference=int(n_reference),
         )
 
     @property
@@ -177,6 +205,9 @@ class Calibration:
             "threshold": self.threshold,
             "n_calibration": self.n,
             "protocol": self.protocol,
+            "neighbour_weight": self.neighbour_weight,
+            "neighbour_k": self.neighbour_k,
+            "n_reference": self.n_reference,
             "method": "conformal: k-th smallest score, k = ceil((n + 1)(1 - target_fpr))",
             "scores": list(self.scores),
         }
@@ -195,6 +226,9 @@ class Calibration:
             complexity_codec=str(d.get("complexity_codec", "zlib")),
             complexity_cap=None if d.get("complexity_cap") is None else float(d["complexity_cap"]),
             protocol=str(d.get("protocol", "split")),
+            neighbour_weight=float(d.get("neighbour_weight", 0.0)),
+            neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
+            n_reference=int(d.get("n_reference", 0)),
         )
         _check_protocol(cal.protocol)
         check_codec(cal.complexity_codec, cal.complexity_level)

@@ -457,14 +457,16 @@ class ScoreEndpoint:
                 "reconstruction": b,
                 "kl": c,
                 "complexity": d,
+                "neighbour": g,
                 "p_value": e,
                 "is_anomaly": f,
             }
-            for a, b, c, d, e, f in zip(
+            for a, b, c, d, g, e, f in zip(
                 s.tolist(),
                 parts["reconstruction"].tolist(),
                 parts["kl"].tolist(),
                 parts["complexity"].tolist(),
+                parts["neighbour"].tolist(),
                 pv.tolist(),
                 flags.tolist(),
                 strict=True,

@@ -48,7 +48,15 @@ log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".npy", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
-RESULT_COLUMNS = ("score", "reconstruction", "kl", "complexity", "p_value", "is_anomaly")
+RESULT_COLUMNS = (
+    "score",
+    "reconstruction",
+    "kl",
+    "complexity",
+    "neighbour",
+    "p_value",
+    "is_anomaly",
+)
 DEFAULT_CHUNK_ROWS = 8192
 CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text parsed at once (about 4,500 MNIST rows)
 
@@ -564,6 +572,7 @@ def score_block(detector: Detector, block: Block) -> pa.Table:
             "reconstruction": parts["reconstruction"],
             "kl": parts["kl"],
             "complexity": parts["complexity"],
+            "neighbour": parts["neighbour"],
             "p_value": cal.p_values(score),
             "is_anomaly": cal.flags(score),
         }

@@ -52,7 +52,7 @@ SCORE_OPENAPI: dict[str, Any] = {
         'Body: JSON `{"instances": [...]}` (each a flat vector or a nested image matching the '
         "model's input shape), or an NPY array of instances (`application/x-npy`). Values outside "
         "the model's input range are rejected (422) unless `clip=true`. Returns one result per "
-        "instance: score, reconstruction, kl, complexity, p_value, is_anomaly."
+        "instance: score, reconstruction, kl, complexity, neighbour, p_value, is_anomaly."
     ),
     "operationId": "score",
     "parameters": [
@@ -106,6 +106,7 @@ SCORE_OPENAPI: dict[str, Any] = {
                                         "reconstruction": {"type": "number"},
                                         "kl": {"type": "number"},
                                         "complexity": {"type": "number"},
+                                        "neighbour": {"type": "number"},
                                         "p_value": {"type": "number"},
                                         "is_anomaly": {"type": "boolean"},
                                         "feature_errors": {

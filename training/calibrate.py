@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from detector.complexity import DEFAULT_CODEC, complexity_nats
 from detector.detector import Detector
 from detector.errors import ConfigError
 from detector.model import VAE
+from detector.neighbours import fit_weight
 from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
 
@@ -16,6 +18,33 @@ DEFAULT_TARGET_FPR = 0.01
 # The complexity credit stops at this quantile of the validation normals' complexity (0.5: the
 # median); docs/experiments.md, "Capping the complexity credit".
 DEFAULT_COMPLEXITY_CAP_QUANTILE = 0.5
+# The latent-neighbour term's robust spread on normal validation rows, relative to the likelihood
+# term's (detector.neighbours); docs/experiments.md, "The latent-neighbour term".
+DEFAULT_NEIGHBOUR_SHARE = 0.5
+
+
+def neighbour_setup(
+    model: VAE,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    input_spec: InputSpec,
+    share: float,
+    *,
+    device: str = "cpu",
+    **score_settings: object,
+) -> tuple[torch.Tensor | None, float]:
+    """The reference (the training rows' posterior means) and the neighbour weight fitted on the
+    validation rows (k = detector.neighbours.DEFAULT_K); (None, 0.0) when ``share`` is 0."""
+    if share == 0:
+        return None, 0.0
+    det = Detector(model, None, input_spec, device=device)
+    reference = torch.from_numpy(det.encode(x_train))
+    parts = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
+        x_val,
+        neighbour_weight=0.0,
+        **score_settings,  # type: ignore[arg-type]
+    )
+    return reference, fit_weight(parts["score"], parts["neighbour"], share)
 
 
 def complexity_cap(
@@ -53,11 +82,13 @@ def calibrate(
     complexity_level: int = 1,
     complexity_codec: str = DEFAULT_CODEC,
     complexity_cap: float | None = None,
+    neighbour_weight: float = 0.0,
+    reference: torch.Tensor | None = None,
     device: str = "cpu",
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
     validate_fpr(target_fpr, int(x_cal.shape[0]))  # fail before spending time scoring
-    scores = Detector(model, None, input_spec, device=device).score_parts(
+    scores = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
         x_cal,
         kind=score_kind,
         samples=score_samples,
@@ -65,6 +96,7 @@ def calibrate(
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
         complexity_cap=complexity_cap,
+        neighbour_weight=neighbour_weight,
     )["score"]
     return Calibration.fit(
         scores,
@@ -75,4 +107,6 @@ def calibrate(
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
         complexity_cap=complexity_cap,
+        neighbour_weight=neighbour_weight,
+        n_reference=0 if reference is None else int(reference.shape[0]),
     )

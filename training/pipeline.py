@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
 from training.calibrate import (
     DEFAULT_COMPLEXITY_CAP_QUANTILE,
+    DEFAULT_NEIGHBOUR_SHARE,
     DEFAULT_TARGET_FPR,
     calibrate,
     complexity_cap,
+    neighbour_setup,
 )
 from training.data import Dataset, Split, load_dataset, one_vs_rest, split_normal
 from training.train import TrainConfig, TrainResult, fit
@@ -84,6 +86,9 @@ class CalibrationOptions:
     # split: score the held-out calibration rows; cross-fit: K-fold out-of-fold scores of every
     # normal row; auto: cross-fit when the calibration split is too small (calibration_method).
     method: str = "auto"
+    # The latent-neighbour term (detector.neighbours): its robust spread on the validation
+    # normals as a share of the likelihood term's; 0 = off.
+    neighbour_share: float = DEFAULT_NEIGHBOUR_SHARE
 
     def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
         if self.complexity_weight is None:
@@ -210,7 +215,6 @@ def train_detector(
         else None
     )
     settings: dict[str, Any] = {
-        "target_fpr": cal_opts.target_fpr,
         "score_kind": cal_opts.score_kind,
         "score_samples": cal_opts.score_samples,
         "complexity_weight": complexity_weight,
@@ -218,12 +222,36 @@ def train_detector(
         "complexity_codec": cal_opts.complexity_codec,
         "complexity_cap": cap,
     }
+    reference, weight = _neighbours(
+        result.model, split.x_train, split.x_val, spec, cal_opts, settings, str(device)
+    )
     if method == "cross-fit":
         cal = _cross_fit_calibration(
-            split, cfg, spec, train, in_unit, settings, progress, str(device), data.split_seed
+            split,
+            cfg,
+            spec,
+            train,
+            in_unit,
+            cal_opts,
+            settings,
+            progress,
+            str(device),
+            data.split_seed,
+        )
+        cal = replace(
+            cal, neighbour_weight=weight, n_reference=0 if reference is None else len(reference)
         )
     else:
-        cal = calibrate(result.model, split.x_cal, spec, device=str(device), **settings)
+        cal = calibrate(
+            result.model,
+            split.x_cal,
+            spec,
+            target_fpr=cal_opts.target_fpr,
+            neighbour_weight=weight,
+            reference=reference,
+            device=str(device),
+            **settings,
+        )
     metrics = {
         "history": result.history,
         "best_epoch": result.best_epoch,
@@ -251,7 +279,7 @@ def train_detector(
         "normal_class": data.normal_class if ds.y_train is not None else None,
         "split": split.info,
     }
-    detector = Detector(result.model, cal, spec, device=device)
+    detector = Detector(result.model, cal, spec, device=device, reference=reference)
     if out_path is not None:
         artifact.save(
             out_path,
@@ -262,6 +290,7 @@ def train_detector(
             data=provenance,
             metrics=metrics,
             overwrite=overwrite,
+            reference=reference,
         )
         detector = Detector.load(out_path, device=device)
     return TrainOutcome(detector=detector, split=split, dataset=ds, path=out_path, metrics=metrics)
@@ -338,6 +367,7 @@ def _cross_fit_calibration(
     spec: InputSpec,
     train: TrainConfig,
     in_unit: bool,
+    cal_opts: CalibrationOptions,
     settings: dict[str, Any],
     progress: bool | None,
     device: str,
@@ -345,7 +375,9 @@ def _cross_fit_calibration(
 ) -> Calibration:
     """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
     2015): fold k's rows are scored by a model trained on the other folds only, with the final
-    model's score settings (the complexity cap included)."""
+    model's score settings (the complexity cap included); each fold model's neighbour term uses
+    its own training rows and weight, fitted as the final model's are. The caller sets the final
+    model's neighbour weight on the returned calibration."""
     pool = split.x_cal
     n = pool.shape[0]
     folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
@@ -366,16 +398,45 @@ def _cross_fit_calibration(
             progress,
             f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
         )
-        scores[held] = Detector(fold.model, None, spec, device=device).score_parts(
-            pool[held],
-            kind=settings["score_kind"],
-            samples=settings["score_samples"],
-            complexity_weight=settings["complexity_weight"],
-            complexity_level=settings["complexity_level"],
-            complexity_codec=settings["complexity_codec"],
-            complexity_cap=settings["complexity_cap"],
-        )["score"]
-    return Calibration.fit(scores, **settings, protocol="cross-fit")
+        reference, weight = _neighbours(
+            fold.model, pool[tr], pool[val], spec, cal_opts, settings, device
+        )
+        scores[held] = Detector(
+            fold.model, None, spec, device=device, reference=reference
+        ).score_parts(pool[held], neighbour_weight=weight, **_part_settings(settings))["score"]
+    return Calibration.fit(scores, cal_opts.target_fpr, protocol="cross-fit", **settings)
+
+
+def _part_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Calibration settings as ``Detector.score_parts`` keywords."""
+    return {
+        "kind": settings["score_kind"],
+        "samples": settings["score_samples"],
+        "complexity_weight": settings["complexity_weight"],
+        "complexity_level": settings["complexity_level"],
+        "complexity_codec": settings["complexity_codec"],
+        "complexity_cap": settings["complexity_cap"],
+    }
+
+
+def _neighbours(
+    model: VAE,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    spec: InputSpec,
+    cal_opts: CalibrationOptions,
+    settings: dict[str, Any],
+    device: str,
+) -> tuple[torch.Tensor | None, float]:
+    return neighbour_setup(
+        model,
+        x_train,
+        x_val,
+        spec,
+        cal_opts.neighbour_share,
+        device=device,
+        **_part_settings(settings),
+    )
 
 
 def _flat(x: npt.NDArray[np.float32], cfg: VAEConfig) -> npt.NDArray[np.float32]:

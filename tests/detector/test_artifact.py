@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from detector import artifact
 from detector.detector import Detector
@@ -26,7 +27,13 @@ def test_round_trip_gives_identical_scores(trained: TrainOutcome, artifact_dir: 
     assert loaded.input_spec == trained.detector.input_spec
     assert loaded.model_version.startswith("vae-")
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == set(artifact.REQUIRED_FILES)
+    # the neighbour term is on by default: the training rows' posterior means travel along
+    assert set(manifest["files"]) == {*artifact.REQUIRED_FILES, artifact.REFERENCE}
+    assert loaded.reference is not None and trained.detector.reference is not None
+    assert torch.equal(loaded.reference, trained.detector.reference)
+    assert loaded.calibration is not None
+    assert loaded.calibration.n_reference == len(split.x_train) > 0
+    np.testing.assert_array_equal(before.neighbour, after.neighbour)
 
 
 def test_weights_are_safetensors_not_pickle(artifact_dir: Path) -> None:
@@ -49,7 +56,14 @@ def test_flipped_byte_in_weights_is_refused(artifact_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["weights.safetensors", "config.json", "calibration.json", "metrics.json"]
+    "name",
+    [
+        "weights.safetensors",
+        "config.json",
+        "calibration.json",
+        "metrics.json",
+        "reference.safetensors",
+    ],
 )
 def test_deleted_file_is_refused(artifact_dir: Path, name: str) -> None:
     (artifact_dir / name).unlink()
@@ -95,8 +109,17 @@ def test_save_refuses_to_overwrite_and_replaces_on_request(
 ) -> None:
     det = trained.detector
     with pytest.raises(ArtifactError, match="already exists"):
-        artifact.save(artifact_dir, det.model, det.calibration, det.input_spec)  # type: ignore[arg-type]
-    artifact.save(artifact_dir, det.model, det.calibration, det.input_spec, overwrite=True)  # type: ignore[arg-type]
+        artifact.save(
+            artifact_dir, det.model, det.calibration, det.input_spec, reference=det.reference
+        )  # type: ignore[arg-type]
+    artifact.save(
+        artifact_dir,
+        det.model,
+        det.calibration,  # type: ignore[arg-type]
+        det.input_spec,
+        overwrite=True,
+        reference=det.reference,
+    )
     assert Detector.load(artifact_dir).threshold == det.threshold
     assert [p.name for p in artifact_dir.parent.iterdir()] == ["model"]  # no temp dirs left
 
@@ -112,6 +135,53 @@ def test_failed_save_leaves_nothing(
     monkeypatch.setattr(artifact, "write_json", boom)
     target = tmp_path / "out" / "model"
     with pytest.raises(OSError, match="disk full"):
-        artifact.save(target, det.model, det.calibration, det.input_spec)  # type: ignore[arg-type]
+        artifact.save(target, det.model, det.calibration, det.input_spec, reference=det.reference)  # type: ignore[arg-type]
     assert not target.exists()
     assert os.listdir(tmp_path / "out") == []
+
+
+def _rewrite_reference(artifact_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace reference.safetensors and re-sign it in the manifest, as an attacker could."""
+    from safetensors.torch import save_file
+
+    p = artifact_dir / artifact.REFERENCE
+    save_file(tensors, str(p))
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    m["files"][artifact.REFERENCE] = {"sha256": artifact.sha256_file(p), "bytes": p.stat().st_size}
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        (
+            {"latent_means": torch.zeros(3, 4)},
+            r"latent_means is F32 \[3, 4\], expected F32 \[\d+, 4\]",
+        ),
+        ({"latent_means": torch.zeros(2, 2, 2)}, r"is F32 \[2, 2, 2\], expected"),
+        ({"other": torch.zeros(1)}, r"must hold exactly one tensor 'latent_means'"),
+    ],
+)
+def test_reference_of_the_wrong_shape_is_refused_before_it_is_read(
+    artifact_dir: Path, tensors: dict[str, torch.Tensor], match: str
+) -> None:
+    _rewrite_reference(artifact_dir, tensors)
+    with pytest.raises(ArtifactIntegrityError, match=match):
+        Detector.load(artifact_dir)
+
+
+def test_reference_with_nan_or_unlisted_is_refused(
+    trained: TrainOutcome, artifact_dir: Path
+) -> None:
+    ref = trained.detector.reference
+    assert ref is not None
+    bad = ref.clone()
+    bad[0, 0] = float("nan")
+    _rewrite_reference(artifact_dir, {"latent_means": bad})
+    with pytest.raises(ArtifactIntegrityError, match="holds NaN or infinity"):
+        Detector.load(artifact_dir)
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    del m["files"][artifact.REFERENCE]
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactIntegrityError, match="does not list reference.safetensors"):
+        Detector.load(artifact_dir)

@@ -21,16 +21,21 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     cal = det.calibration
     assert cal is not None and cal.complexity_weight == 1.0  # images: on
     assert cal.complexity_cap is not None  # capped at the validation images' median L
+    assert cal.neighbour_weight > 0  # the latent-neighbour term: on by default
     parts = det.score_parts(_pool(digits))
     np.testing.assert_allclose(
-        parts["reconstruction"] + parts["kl"] - np.minimum(parts["complexity"], cal.complexity_cap),
+        parts["reconstruction"]
+        + parts["kl"]
+        - np.minimum(parts["complexity"], cal.complexity_cap)
+        + cal.neighbour_weight * parts["neighbour"],
         parts["score"],
         rtol=1e-6,
         atol=1e-3,  # the parts are summed in float32 inside the model
     )
     assert (parts["complexity"] > cal.complexity_cap).any()  # the cap is in the data's range
     assert (parts["complexity"] < cal.complexity_cap).any()
-    uncapped = det.score_parts(_pool(digits), complexity_cap=float("inf"))
+    assert (parts["neighbour"] >= 0).all() and parts["neighbour"].max() > 0
+    uncapped = det.score_parts(_pool(digits), complexity_cap=float("inf"), neighbour_weight=0.0)
     np.testing.assert_allclose(
         uncapped["reconstruction"] + uncapped["kl"] - uncapped["complexity"],
         uncapped["score"],
@@ -38,7 +43,7 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
         atol=1e-3,
     )
     assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
-    plain = det.score_parts(_pool(digits), complexity_weight=0.0)
+    plain = det.score_parts(_pool(digits), complexity_weight=0.0, neighbour_weight=0.0)
     np.testing.assert_allclose(
         plain["reconstruction"] + plain["kl"], plain["score"], rtol=1e-6, atol=1e-3
     )
@@ -105,10 +110,15 @@ def test_small_internal_batches_give_the_same_scores(
     trained: TrainOutcome, digits: Dataset
 ) -> None:
     big = trained.detector
-    small = Detector(big.model, big.calibration, big.input_spec, batch_size=7)
-    ref = big.score(_pool(digits)).score
-    tol = 1e-5 * float(np.median(np.abs(ref)))
-    np.testing.assert_allclose(small.score(_pool(digits)).score, ref, rtol=1e-5, atol=tol)
+    small = Detector(
+        big.model, big.calibration, big.input_spec, batch_size=7, reference=big.reference
+    )
+    ref = big.score(_pool(digits))
+    tol = 1e-5 * float(np.median(np.abs(ref.score)))
+    got = small.score(_pool(digits))
+    np.testing.assert_allclose(got.score, ref.score, rtol=1e-5, atol=tol)
+    # distances are computed pair by pair: the neighbour part does not depend on the batch
+    np.testing.assert_allclose(got.neighbour, ref.neighbour, rtol=1e-5, atol=1e-6)
 
 
 def test_planted_anomalies_score_above_every_inlier(trained: TrainOutcome) -> None:

@@ -85,6 +85,7 @@ def test_score_json_matches_offline_detector(
             "reconstruction",
             "kl",
             "complexity",
+            "neighbour",
             "p_value",
             "is_anomaly",
         }

@@ -24,7 +24,7 @@ from training.cli import main
 from training.data import Dataset
 from training.pipeline import TrainOutcome
 
-RESULTS = ["score", "reconstruction", "kl", "complexity", "p_value", "is_anomaly"]
+RESULTS = ["score", "reconstruction", "kl", "complexity", "neighbour", "p_value", "is_anomaly"]
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,9 @@ def test_reload_under_load_no_failed_request(trained: TrainOutcome, tmp_path: Pa
     assert trained.path is not None
     det = trained.detector
     v2_dir = tmp_path / "v2"
-    artifact.save(v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec)  # type: ignore[union-attr]
+    artifact.save(
+        v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec, reference=det.reference
+    )  # type: ignore[union-attr]
     bad_dir = tmp_path / "bad"
     shutil.copytree(trained.path, bad_dir)
     (bad_dir / "calibration.json").write_text("{}")
@@ -166,7 +168,9 @@ def test_sighup_rolls_several_workers_onto_a_new_artifact(
     model = tmp_path / "model"
     shutil.copytree(trained.path, model)
     v2_dir = tmp_path / "v2"
-    artifact.save(v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec)  # type: ignore[union-attr]
+    artifact.save(
+        v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec, reference=det.reference
+    )  # type: ignore[union-attr]
     v2 = artifact.load(v2_dir).model_version
     bad_dir = tmp_path / "bad"
     shutil.copytree(v2_dir, bad_dir)

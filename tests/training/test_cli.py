@@ -74,6 +74,7 @@ def test_train_info_evaluate_score_end_to_end(
         "reconstruction",
         "kl",
         "complexity",
+        "neighbour",
         "p_value",
         "is_anomaly",
     ]
