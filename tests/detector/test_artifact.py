@@ -183,5 +183,5 @@ def test_reference_with_nan_or_unlisted_is_refused(
     m = json.loads((artifact_dir / "manifest.json").read_text())
     del m["files"][artifact.REFERENCE]
     (artifact_dir / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactIntegrityError, match="does not list reference.safetensors"):
+    with pytest.raises(ArtifactIntegrityError, match=r"does not list reference\.safetensors"):
         Detector.load(artifact_dir)
