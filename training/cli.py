@@ -84,6 +84,16 @@ def _sigma(s: str) -> float | None:
     return v
 
 
+def _share(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
 def _cap_quantile(s: str) -> float | None:
     if s.lower() == "none":
         return None
@@ -281,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'none' = uncapped",
     )
     g.add_argument(
+        "--neighbour-share",
+        type=_share,
+        default=co.neighbour_share,
+        help="weight of the latent-neighbour term: its spread on the validation rows as a share "
+        "of the likelihood term's (0 = off)",
+    )
+    g.add_argument(
         "--calibration",
         choices=["auto", "split", "cross-fit"],
         default="auto",
@@ -355,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--complexity-weight",
         type=float,
         help="input-complexity correction weight (default: 1 for images; 0 = plain -ELBO)",
+    )
+    bm.add_argument(
+        "--neighbour-share",
+        type=_share,
+        default=co.neighbour_share,
+        help="weight of the latent-neighbour term (0 = off); see train --help",
     )
     bm.add_argument(
         "--quick", action="store_true", help="smoke test: classes 0,1, 5 epochs, vae and pca only"
@@ -657,7 +680,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.quick:
         classes, methods, train = (0, 1), ("vae", "pca"), _train_config(args, epochs=5, min_steps=0)
     calibration = CalibrationOptions(
-        target_fpr=args.target_fpr, complexity_weight=args.complexity_weight
+        target_fpr=args.target_fpr,
+        complexity_weight=args.complexity_weight,
+        neighbour_share=args.neighbour_share,
     )
     if args.suite == "small-data":
         from training.benchmark import SmallDataConfig, run_small_data, small_data_markdown
@@ -749,6 +774,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             score_samples=args.score_samples,
             complexity_weight=args.complexity_weight,
             complexity_cap_quantile=args.complexity_cap,
+            neighbour_share=args.neighbour_share,
             method=args.calibration,
         ),
         out=args.out,
@@ -763,10 +789,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{len(m['history'])}{' (early stop)' if m['stopped_early'] else ''}, "
         f"validation -ELBO {m['best_val_loss']:.2f} nats"
     )
-    _out(
-        f"threshold {det.threshold:.3f} nats for target FPR {det.calibration.target_fpr:.2%}"  # type: ignore[union-attr]
-        f" (n_cal={s['n_cal']})"
+    cal = det.calibration
+    assert cal is not None
+    how = (
+        f"{s['n_cal']} held-out rows"
+        if cal.protocol == "split"
+        else f"all {cal.n} rows, each scored by one of 5 models that never saw it (cross-fit: "
+        "too few rows to hold out enough for the target)"
     )
+    _out(f"threshold {det.threshold:.3f} for target FPR {cal.target_fpr:.2%}, calibrated on {how}")
     _out(f"artifact {outcome.path} (model version {det.model_version})")
     return 0
 

@@ -14,7 +14,7 @@ from training.pipeline import TrainOutcome
 TRAIN_FAST = [
     "train", "--dataset", "digits", "--normal-class", "0", "--arch", "mlp", "--widths", "64,32",
     "--latent-dim", "4", "--epochs", "30", "--batch-size", "32", "--target-fpr", "0.05",
-    "--cal-fraction", "0.25", "--no-progress",
+    "--cal-fraction", "0.25", "--no-progress", "--min-steps", "0",
 ]  # fmt: skip
 
 
@@ -143,6 +143,8 @@ def test_train_on_user_features(tmp_path: Path, capsys: pytest.CaptureFixture[st
         str(tmp_path / "normal.npy"),
         "--epochs",
         "3",
+        "--min-steps",
+        "0",
         "--target-fpr",
         "0.05",
         "--no-progress",
@@ -154,6 +156,35 @@ def test_train_on_user_features(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert det.model.config.architecture == "mlp" and det.input_spec.value_range is None
     far = det.score(np.full((1, 5), 500.0, np.float32))
     assert far.is_anomaly[0]
+
+
+def test_train_score_options_reach_the_artifact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "m"
+    code, out, err = _run(
+        capsys,
+        *TRAIN_FAST,
+        "--neighbour-share",
+        "0",
+        "--complexity-cap",
+        "none",
+        "--calibration",
+        "cross-fit",
+        "--out",
+        str(model),
+    )
+    assert code == 0, err
+    assert "each scored by one of 5 models that never saw it" in out
+    cal = json.loads((model / "calibration.json").read_text())
+    assert cal["protocol"] == "cross-fit" and cal["complexity_cap"] is None
+    assert cal["neighbour_weight"] == 0.0 and cal["n_reference"] == 0
+    assert not (model / "reference.safetensors").exists()
+    res = Detector.load(model).score(np.zeros((2, 1, 8, 8), np.float32))
+    assert (res.neighbour == 0).all()
+    for flag, value in (("--neighbour-share", "-1"), ("--complexity-cap", "1.5")):
+        code, _, err = _run(capsys, *TRAIN_FAST, flag, value, "--out", str(tmp_path / "x"))
+        assert code == 2 and f"argument {flag}" in err
 
 
 @pytest.fixture
