@@ -5,7 +5,7 @@ Usable on its own from a notebook::
     from detector import Detector
     det = Detector.load("runs/mnist-0")
     result = det.score(x)          # x: (N, 784) or (N, 1, 28, 28), values in [0, 1]
-    result.score                   # -ELBO in nats, higher = more anomalous
+    result.score                   # -ELBO, corrected (see README), higher = more anomalous
     result.is_anomaly              # score > calibrated threshold
 
 No web, pandas or command-line code lives here.

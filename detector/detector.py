@@ -66,7 +66,8 @@ class DetectionResult:
     ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
     input-complexity correction is on (``complexity`` is 0 when it is off), plus
     ``neighbour_weight * neighbour`` (the latent distance to the training data; 0 when off);
-    higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``: score > threshold.
+    higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
+    score > threshold.
     """
 
     score: npt.NDArray[np.float64]

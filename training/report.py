@@ -465,10 +465,12 @@ def _gallery(ctx: _Context, order: npt.NDArray[np.integer[Any]], title: str) -> 
                 truth += f" ({ctx.classes[i]})"
             truth += "\n"
         complexity = ctx.result.complexity[i]
+        near = ctx.result.neighbour[i]
         axes[0, j].set_title(
             f"{truth}score {ctx.result.score[i]:.1f}\nrec {ctx.result.reconstruction[i]:.1f}"
             f" · KL {ctx.result.kl[i]:.1f}"
-            + (f"\ncomplexity {complexity:.1f}" if complexity else ""),
+            + (f"\ncomplexity {complexity:.1f}" if complexity else "")
+            + (f" · nbr {near:.2f}" if near else ""),
             fontsize=7,
         )
     for r, name in enumerate(("input", "reconstruction", "squared error")):

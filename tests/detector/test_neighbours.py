@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detector.errors import ConfigError
+from detector.neighbours import fit_weight, neighbour_distance, robust_scale
+
+
+def test_distance_is_the_kth_nearest_reference_row() -> None:
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.normal(size=(700, 3)).astype(np.float32))
+    mu = torch.from_numpy(rng.normal(size=(1100, 3)).astype(np.float32))  # > one chunk of 512
+    got = neighbour_distance(mu, ref, 5).numpy()
+    brute = np.sort(np.linalg.norm(mu.numpy()[:, None] - ref.numpy()[None], axis=-1), axis=1)
+    np.testing.assert_allclose(got, brute[:, 4], rtol=1e-5)
+    # a reference row itself is at distance 0 with k = 1
+    assert neighbour_distance(ref[:10], ref, 1).abs().max() == 0
+    # k larger than the reference: the farthest row
+    np.testing.assert_allclose(
+        neighbour_distance(mu[:4], ref[:3], 5).numpy(), brute_far(mu[:4], ref[:3]), rtol=1e-5
+    )
+    # batch-invariant: one row alone gets exactly what it gets inside a batch
+    assert torch.equal(neighbour_distance(mu[7:8], ref, 5), neighbour_distance(mu, ref, 5)[7:8])
+
+
+def brute_far(mu: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
+    return np.linalg.norm(mu.numpy()[:, None] - ref.numpy()[None], axis=-1).max(axis=1)
+
+
+def test_shape_mismatch_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"latent reference of shape \(5, 4\) does not match"):
+        neighbour_distance(torch.zeros(2, 3), torch.zeros(5, 4), 5)
+
+
+def test_weight_matches_the_spreads() -> None:
+    rng = np.random.default_rng(1)
+    likelihood = rng.normal(0, 40.0, 5000)
+    near = rng.normal(3.0, 0.5, 5000)
+    w = fit_weight(likelihood, near, 0.5)
+    assert w == pytest.approx(0.5 * 40.0 / 0.5, rel=0.05)
+    assert robust_scale(w * near) == pytest.approx(0.5 * robust_scale(likelihood))
+    assert fit_weight(likelihood, near, 0.0) == 0.0
+    with pytest.raises(ConfigError, match="neighbour share must be a finite number >= 0"):
+        fit_weight(likelihood, near, -1.0)
+
+
+def test_robust_scale_of_degenerate_samples() -> None:
+    assert robust_scale([2.0, 2.0, 2.0, 5.0]) == pytest.approx(np.std([2.0, 2.0, 2.0, 5.0]))
+    assert robust_scale([3.0, 3.0]) == 1.0
+    with pytest.raises(ConfigError, match="at least one value"):
+        robust_scale([])
