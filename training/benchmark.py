@@ -492,7 +492,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "auroc_plain_elbo" in m["mean"]:
             cells = [f"{m['per_class'][str(c)]['auroc_plain_elbo'] * 100:.1f}" for c in classes]
             lines.append(
-                "| ↳ same models, plain -ELBO (no complexity correction) | "
+                "| ↳ same models, plain -ELBO (no complexity or neighbour term) | "
                 + " | ".join(cells)
                 + f" | {m['mean']['auroc_plain_elbo'] * 100:.2f} |"
             )
