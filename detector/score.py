@@ -66,8 +66,9 @@ def score_definition(
     capped = (
         ""
         if cap is None
-        else f"; the credit for complexity stops at {cap:.1f} nats, the median complexity of the "
-        "normal validation data, so inputs more complex than the normal data gain nothing from it"
+        else f"; the credit for complexity stops at {cap:.1f} nats (by default the median "
+        "complexity of the normal validation data), so inputs more complex than the normal data "
+        "gain nothing from it"
     )
     return (
         f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
