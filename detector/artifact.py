@@ -235,6 +235,18 @@ def _load_reference(path: Path, n: int, config: VAEConfig) -> torch.Tensor:
     return ref
 
 
+def listed_files(path: str | os.PathLike[str]) -> list[str]:
+    """The file names an artifact's manifest lists (each a plain name inside the directory)."""
+    root = Path(path)
+    files = _read_json(root, MANIFEST).get("files")
+    if not isinstance(files, dict):
+        raise ArtifactIntegrityError(f"{root / MANIFEST} has no 'files' table")
+    for name in files:
+        if Path(name).name != name:
+            raise ArtifactIntegrityError(f"{root / MANIFEST}: file name {name!r} is not allowed")
+    return sorted(files)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -285,4 +297,4 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["Artifact", "load", "package_versions", "save", "sha256_file"]
+__all__ = ["Artifact", "listed_files", "load", "package_versions", "save", "sha256_file"]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from detector.artifact import MANIFEST, REQUIRED_FILES
+from detector.artifact import MANIFEST, listed_files
 from detector.detector import Detector
 from detector.errors import ConfigError, VAEAnomalyError
 from serving.batch import (
@@ -170,8 +170,11 @@ class _ScoreActor:
 
 
 def _artifact_bytes(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file the artifact's manifest lists, and the manifest (the actors verify them all
+    on load, as the driver did before)."""
     root = Path(path)
-    return {name: (root / name).read_bytes() for name in (*REQUIRED_FILES, MANIFEST)}
+    names = listed_files(root)
+    return {name: (root / name).read_bytes() for name in (*names, MANIFEST)}
 
 
 def score_files_ray(

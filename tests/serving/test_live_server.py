@@ -54,7 +54,8 @@ def test_concurrent_clients_are_batched_and_scores_match(trained: TrainOutcome) 
         with ThreadPoolExecutor(16) as pool:
             got = dict(pair for chunk in pool.map(client, range(16)) for pair in chunk)
         scores = np.array([got[i] for i in range(len(x))])
-        np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-4)
+        # the score sums terms of hundreds of nats, each float32 (about 1e-6 relative)
+        np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-3)
         text = httpx.get(srv.url + "/metrics").text
         batches = _metric(text, "vae_anomaly_batch_size_count")
         rows = _metric(text, "vae_anomaly_batch_size_sum")
