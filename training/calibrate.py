@@ -16,7 +16,7 @@ from detector.threshold import Calibration, validate_fpr
 
 DEFAULT_TARGET_FPR = 0.01
 # The complexity credit stops at this quantile of the validation normals' complexity (0.5: the
-# median); docs/experiments.md, "Capping the complexity credit".
+# median); docs/experiments.md, "The complexity credit, capped".
 DEFAULT_COMPLEXITY_CAP_QUANTILE = 0.5
 # The latent-neighbour term's robust spread on normal validation rows, relative to the likelihood
 # term's (detector.neighbours); docs/experiments.md, "The latent-neighbour term".
