@@ -6,6 +6,7 @@ The command line's ``train`` and the benchmark call :func:`train_detector`; a no
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from detector import artifact
 from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
-from detector.errors import ArtifactError, ConfigError, DataError
+from detector.errors import ArtifactError, ConfigError, DataError, FPRError
 from detector.model import VAE, VAEConfig
 from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
@@ -198,6 +199,14 @@ def train_detector(
     method = calibration_method(cal_opts, split.x_cal.shape[0])
     if method == "cross-fit":
         split = cross_fit_split(split, data.val_fraction, seed=data.split_seed)
+        n = split.x_cal.shape[0]
+        if 0 < cal_opts.target_fpr < 1 and cal_opts.target_fpr * n < 1:
+            raise FPRError(
+                f"target FPR {cal_opts.target_fpr} needs at least "
+                f"{math.ceil(1 / cal_opts.target_fpr)} normal rows, even with every row a "
+                f"calibration point (cross-fit); the data has {n}: bring more normal rows or "
+                f"raise the target FPR to at least {1 / n:.4g}"
+            )
     validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
 
     x_train = _flat(split.x_train, cfg)

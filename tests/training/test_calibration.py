@@ -70,3 +70,18 @@ def test_a_split_too_small_for_the_target_is_refused_before_training(digits: Dat
             progress=False,
             dataset=_rows(digits, 250),
         )
+
+
+def test_too_few_rows_even_for_cross_fit_say_how_many_are_needed(digits: Dataset) -> None:
+    with pytest.raises(
+        FPRError,
+        match=r"needs at least 100 normal rows, even with every row a "
+        r"calibration point \(cross-fit\); the data has 80",
+    ):
+        train_detector(
+            DataOptions(dataset="small"),
+            SMALL_MODEL,
+            SMALL_TRAIN,
+            progress=False,
+            dataset=_rows(digits, 80),
+        )
