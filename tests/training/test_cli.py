@@ -107,7 +107,12 @@ def _one_line_error(code: int, err: str, expect: str) -> None:
         ),
         (["--dataset", "missing.npy"], "missing.npy: no such file"),
         (["--target-fpr", "1.5"], "target FPR must be strictly between 0 and 1"),
-        (["--target-fpr", "0.001"], "below 1/n"),
+        (["--target-fpr", "0.001", "--calibration", "split"], "below 1/n"),
+        (
+            ["--target-fpr", "0.001"],
+            "target FPR 0.001 needs at least 1000 normal rows, even with every row a calibration "
+            "point (cross-fit); the data has 119",
+        ),
         (["--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
