@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 
 from detector import artifact as _artifact
-from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL, complexity_nats
+from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL, complexity_nats
 from detector.errors import ConfigError, InputError, NotCalibratedError
 from detector.model import VAE
 from detector.neighbours import DEFAULT_K, neighbour_distance
@@ -184,6 +184,7 @@ class Detector:
             cal.complexity_cap,
             cal.neighbour_weight,
             cal.neighbour_k,
+            image_filter=cal.complexity_filter,
         )
 
     def _calibration(self) -> Calibration:
@@ -218,6 +219,7 @@ class Detector:
         complexity_weight: float | None = None,
         complexity_level: int | None = None,
         complexity_codec: str | None = None,
+        complexity_filter: str | None = None,
         complexity_cap: float | None = None,
         neighbour_weight: float | None = None,
         name: str = "X",
@@ -225,7 +227,7 @@ class Detector:
         """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
 
         Needs no calibration. The score's settings (kind elbo / iwae, its sample count, the
-        complexity weight, cap and codec, the neighbour weight) default to the calibration's,
+        complexity weight, cap, codec and filter, the neighbour weight) default to the calibration's,
         else the plain ELBO. The ``neighbour`` part is computed whenever reference rows exist.
         ``name`` is what error messages call ``x``.
         """
@@ -236,6 +238,7 @@ class Detector:
             complexity_weight=complexity_weight,
             complexity_level=complexity_level,
             complexity_codec=complexity_codec,
+            complexity_filter=complexity_filter,
             complexity_cap=complexity_cap,
             neighbour_weight=neighbour_weight,
         )
@@ -254,6 +257,7 @@ class Detector:
                 "complexity_weight": cal.complexity_weight,
                 "complexity_level": cal.complexity_level,
                 "complexity_codec": cal.complexity_codec,
+                "complexity_filter": cal.complexity_filter,
                 "complexity_cap": cal.complexity_cap,
                 "neighbour_weight": cal.neighbour_weight,
                 "neighbour_k": cal.neighbour_k,
@@ -265,6 +269,7 @@ class Detector:
                 "complexity_weight": 0.0,
                 "complexity_level": DEFAULT_LEVEL,
                 "complexity_codec": DEFAULT_CODEC,
+                "complexity_filter": DEFAULT_FILTER,
                 "complexity_cap": None,
                 "neighbour_weight": 0.0,
                 "neighbour_k": DEFAULT_K,
@@ -352,6 +357,7 @@ class Detector:
         complexity_weight: float,
         complexity_level: int,
         complexity_codec: str,
+        complexity_filter: str,
         complexity_cap: float | None,
         neighbour_weight: float,
         neighbour_k: int,
@@ -366,7 +372,12 @@ class Detector:
                     "model's input spec has none"
                 )
             parts["complexity"] = complexity_nats(
-                arr, self.input_spec.value_range, level=complexity_level, codec=complexity_codec
+                arr,
+                self.input_spec.value_range,
+                level=complexity_level,
+                codec=complexity_codec,
+                image_filter=complexity_filter,
+                shape=self.input_spec.shape,
             )
             credit = parts["complexity"]
             if complexity_cap is not None:

@@ -46,6 +46,7 @@ def score_definition(
     cap: float | None = None,
     neighbour_weight: float = 0.0,
     neighbour_k: int = 5,
+    image_filter: str = "none",
 ) -> str:
     """The score's definition in words, for responses and ``info``."""
     near = (
@@ -70,12 +71,13 @@ def score_definition(
         "complexity of the normal validation data), so inputs more complex than the normal data "
         "gain nothing from it"
     )
+    filtered = "" if image_filter == "none" else " after PNG's Average filter"
     return (
         f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
         f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
         "reconstruction = -log p(x|z) at "
         "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = DEFLATE code length "
-        f"({codec} level {level}) of the 8-bit input"
+        f"({codec} level {level}) of the 8-bit input{filtered}"
     )
 
 

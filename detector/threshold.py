@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detector.complexity import DEFAULT_CODEC, check_codec, codec_version
+from detector.complexity import (
+    DEFAULT_CODEC,
+    DEFAULT_FILTER,
+    check_codec,
+    check_filter,
+    codec_version,
+)
 from detector.errors import ConfigError, FPRError
 from detector.neighbours import DEFAULT_K, MAX_REFERENCE_ROWS
 
@@ -115,6 +121,7 @@ class Calibration:
     complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
     complexity_level: int = 1  # compression level of L(x); part of the score, so saved with it
     complexity_codec: str = DEFAULT_CODEC  # compressor of L(x) (detector.complexity.CODECS)
+    complexity_filter: str = DEFAULT_FILTER  # image filter before it (detector.complexity.FILTERS)
     # score = -ELBO - weight * min(L(x), cap): complexity above the cap earns no credit. None =
     # uncapped (Serra et al.'s correction; calibrations written before the cap existed).
     complexity_cap: float | None = None
@@ -142,6 +149,7 @@ class Calibration:
         complexity_weight: float = 0.0,
         complexity_level: int = 1,
         complexity_codec: str = DEFAULT_CODEC,
+        complexity_filter: str = DEFAULT_FILTER,
         complexity_cap: float | None = None,
         protocol: str = "split",
         neighbour_weight: float = 0.0,
@@ -149,6 +157,7 @@ class Calibration:
         n_reference: int = 0,
     ) -> Calibration:
         check_codec(complexity_codec, complexity_level)
+        check_filter(complexity_filter)
         _check_protocol(protocol)
         _check_cap(complexity_cap)
         scores = _as_scores(calibration_scores)
@@ -162,6 +171,7 @@ class Calibration:
             complexity_weight=float(complexity_weight),
             complexity_level=int(complexity_level),
             complexity_codec=str(complexity_codec),
+            complexity_filter=str(complexity_filter),
             complexity_cap=None if complexity_cap is None else float(complexity_cap),
             protocol=protocol,
             neighbour_weight=float(neighbour_weight),
@@ -199,6 +209,7 @@ class Calibration:
             "complexity_level": self.complexity_level,
             "complexity_codec": self.complexity_codec,
             "complexity_codec_version": codec_version(self.complexity_codec),
+            "complexity_filter": self.complexity_filter,
             "complexity_cap": self.complexity_cap,
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
@@ -224,6 +235,8 @@ class Calibration:
             complexity_level=int(d.get("complexity_level", 1)),
             # calibrations written before the codec was recorded used the standard zlib
             complexity_codec=str(d.get("complexity_codec", "zlib")),
+            # ... and compressed the input unfiltered
+            complexity_filter=str(d.get("complexity_filter", "none")),
             complexity_cap=None if d.get("complexity_cap") is None else float(d["complexity_cap"]),
             protocol=str(d.get("protocol", "split")),
             neighbour_weight=float(d.get("neighbour_weight", 0.0)),
@@ -232,6 +245,7 @@ class Calibration:
         )
         _check_protocol(cal.protocol)
         check_codec(cal.complexity_codec, cal.complexity_level)
+        check_filter(cal.complexity_filter)
         _check_cap(cal.complexity_cap)
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")

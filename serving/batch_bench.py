@@ -145,7 +145,12 @@ def _in_memory(cfg: BatchBenchConfig, pixels: np.ndarray) -> dict[str, float]:
         "forward": lambda c: det._model_parts(c, "elbo", 1),
         "score": det.score_validated,
         "complexity": lambda c: complexity_nats(
-            c, value_range, cal.complexity_level, cal.complexity_codec
+            c,
+            value_range,
+            cal.complexity_level,
+            cal.complexity_codec,
+            image_filter=cal.complexity_filter,
+            shape=det.input_spec.shape,
         ),
     }
     out = {"torch_threads": float(torch.get_num_threads())}

@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from detector.complexity import DEFAULT_CODEC, complexity_nats
+from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, complexity_nats
 from detector.detector import Detector
 from detector.errors import ConfigError
 from detector.model import VAE
@@ -54,6 +54,7 @@ def complexity_cap(
     *,
     level: int = 1,
     codec: str = DEFAULT_CODEC,
+    image_filter: str = DEFAULT_FILTER,
 ) -> float | None:
     """The cap on the complexity credit: a quantile of L(x) over held-out normal rows (never the
     calibration rows, whose scores must not shape the score). None: uncapped."""
@@ -66,7 +67,14 @@ def complexity_cap(
     if x_reference.shape[0] == 0:
         raise ConfigError("the complexity cap needs at least one held-out normal row")
     flat = np.ascontiguousarray(x_reference.reshape(x_reference.shape[0], -1), dtype=np.float32)
-    lengths = complexity_nats(flat, input_spec.value_range, level=level, codec=codec)
+    lengths = complexity_nats(
+        flat,
+        input_spec.value_range,
+        level=level,
+        codec=codec,
+        image_filter=image_filter,
+        shape=input_spec.shape,
+    )
     return float(np.quantile(lengths, quantile))
 
 
@@ -81,6 +89,7 @@ def calibrate(
     complexity_weight: float = 0.0,
     complexity_level: int = 1,
     complexity_codec: str = DEFAULT_CODEC,
+    complexity_filter: str = DEFAULT_FILTER,
     complexity_cap: float | None = None,
     neighbour_weight: float = 0.0,
     reference: torch.Tensor | None = None,
@@ -95,6 +104,7 @@ def calibrate(
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
+        complexity_filter=complexity_filter,
         complexity_cap=complexity_cap,
         neighbour_weight=neighbour_weight,
     )["score"]
@@ -106,6 +116,7 @@ def calibrate(
         complexity_weight=complexity_weight,
         complexity_level=complexity_level,
         complexity_codec=complexity_codec,
+        complexity_filter=complexity_filter,
         complexity_cap=complexity_cap,
         neighbour_weight=neighbour_weight,
         n_reference=0 if reference is None else int(reference.shape[0]),

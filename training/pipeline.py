@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 
 from detector import artifact
-from detector.complexity import DEFAULT_CODEC, DEFAULT_LEVEL
+from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError, FPRError
 from detector.model import VAE, VAEConfig
@@ -80,6 +80,7 @@ class CalibrationOptions:
     complexity_weight: float | None = None
     complexity_level: int = DEFAULT_LEVEL  # compression level of the complexity term
     complexity_codec: str = DEFAULT_CODEC  # its compressor (detector.complexity.CODECS)
+    complexity_filter: str = DEFAULT_FILTER  # the image filter before it (PNG's Average)
     # The credit min(L(x), cap) stops at this quantile of the validation normals' L (None =
     # uncapped): on MNIST the capped term keeps the correction's gain, on Fashion-MNIST it no
     # longer hands complex anomalies a discount (docs/experiments.md).
@@ -219,6 +220,7 @@ def train_detector(
             cal_opts.complexity_cap_quantile,
             level=cal_opts.complexity_level,
             codec=cal_opts.complexity_codec,
+            image_filter=cal_opts.complexity_filter,
         )
         if complexity_weight
         else None
@@ -229,6 +231,7 @@ def train_detector(
         "complexity_weight": complexity_weight,
         "complexity_level": cal_opts.complexity_level,
         "complexity_codec": cal_opts.complexity_codec,
+        "complexity_filter": cal_opts.complexity_filter,
         "complexity_cap": cap,
     }
     reference, weight = _neighbours(
@@ -424,6 +427,7 @@ def _part_settings(settings: dict[str, Any]) -> dict[str, Any]:
         "complexity_weight": settings["complexity_weight"],
         "complexity_level": settings["complexity_level"],
         "complexity_codec": settings["complexity_codec"],
+        "complexity_filter": settings["complexity_filter"],
         "complexity_cap": settings["complexity_cap"],
     }
 

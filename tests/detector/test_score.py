@@ -74,6 +74,56 @@ def test_complexity_is_the_code_length_in_nats_for_each_codec() -> None:
     )
 
 
+def test_png_average_filter_matches_the_png_definition_pixel_by_pixel() -> None:
+    from detector.complexity import png_average
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 256, (3, 2, 5, 7), dtype=np.uint8)  # (N, C, H, W)
+    got = png_average(q, (1, 2))
+    for n, c, i, j in np.ndindex(q.shape):
+        left = int(q[n, c, i, j - 1]) if j > 0 else 0
+        up = int(q[n, c, i - 1, j]) if i > 0 else 0
+        assert got[n, c, i, j] == (int(q[n, c, i, j]) - (left + up) // 2) % 256
+    # channels-last images are filtered over the same plane
+    np.testing.assert_array_equal(
+        png_average(np.moveaxis(q, 1, -1), (0, 1)), np.moveaxis(got, 1, -1)
+    )
+
+
+def test_image_axes_find_the_plane_and_leave_flat_rows_alone() -> None:
+    from detector.complexity import image_axes
+
+    assert image_axes((64,)) is None
+    assert image_axes((28, 28)) == (0, 1)
+    assert image_axes((1, 28, 28)) == (1, 2)
+    assert image_axes((3, 32, 32)) == (1, 2)
+    assert image_axes((32, 32, 3)) == (0, 1)
+
+
+def test_filtered_complexity_is_the_code_length_of_the_filtered_image() -> None:
+    import math
+
+    from zlib_ng import zlib_ng
+
+    from detector.complexity import complexity_nats, png_average
+
+    x = np.random.default_rng(2).uniform(0, 1, (4, 1, 8, 8)).astype(np.float32)
+    x[:, :, :, :4] = 0.5
+    q = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    f = png_average(q, (1, 2))
+    want = [len(zlib_ng.compress(r.tobytes(), 1)) * 8 * math.log(2) for r in f]
+    got = complexity_nats(x, image_filter="png-average")
+    np.testing.assert_array_equal(got, want)
+    # rows may arrive flat as long as the sample shape is given
+    flat = complexity_nats(x.reshape(4, -1), image_filter="png-average", shape=(1, 8, 8))
+    np.testing.assert_array_equal(flat, want)
+    # flat feature vectors have no plane: the filter leaves them as they are
+    v = x.reshape(4, -1)
+    np.testing.assert_array_equal(
+        complexity_nats(v, image_filter="png-average"), complexity_nats(v)
+    )
+
+
 def test_unknown_complexity_codec_is_a_config_error() -> None:
     from detector.complexity import complexity_nats
     from detector.errors import ConfigError
@@ -89,6 +139,13 @@ def test_unknown_complexity_codec_is_a_config_error() -> None:
     assert Calibration.from_dict(old).complexity_codec == "zlib"  # older artifacts
     with pytest.raises(ConfigError, match="unknown complexity codec"):
         Calibration.from_dict({**saved, "complexity_codec": "brotli"})
+    assert saved["complexity_filter"] == "png-average"
+    old = {k: v for k, v in saved.items() if k != "complexity_filter"}
+    assert Calibration.from_dict(old).complexity_filter == "none"  # before the filter existed
+    with pytest.raises(ConfigError, match="unknown complexity filter 'paeth'"):
+        Calibration.from_dict({**saved, "complexity_filter": "paeth"})
+    with pytest.raises(ConfigError, match="unknown complexity filter"):
+        complexity_nats(np.zeros((1, 4)), image_filter="up")
 
 
 def test_scores_are_batch_invariant_and_repeatable(trained: TrainOutcome, digits: Dataset) -> None:
