@@ -1,5 +1,2 @@
-"""vae-anomaly's serving side: the HTTP API, batch scoring of files, Prometheus metrics.
-
-Not built yet beyond this package; the command line's ``score`` subcommand scores .npy files with
-``detector.Detector`` directly.
-"""
+"""vae-anomaly's serving side: the HTTP API (``app``, ``server``), the micro-batcher, Prometheus
+metrics, streaming batch scoring of files (``batch``) and its Ray engine (``batch_ray``)."""

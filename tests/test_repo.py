@@ -38,3 +38,49 @@ def test_no_data_or_weights_are_tracked() -> None:
         if f.endswith((".safetensors", ".npy", ".npz", ".pt", ".pth", ".tgz", "-ubyte", ".gz"))
     ]
     assert bad == []
+
+
+# Which package may import which: the README's architecture section draws the same picture.
+ALLOWED_IMPORTS = {
+    "detector": set(),
+    "training": {"detector"},
+    "serving": {"detector"},
+    "vae_anomaly": {"detector", "training", "serving"},
+}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(ALLOWED_IMPORTS)
+
+
+def test_packages_import_only_downwards() -> None:
+    wrong = []
+    for package, allowed in ALLOWED_IMPORTS.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = _imported_packages(path) - allowed - {package}
+            if bad:
+                wrong.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert wrong == []
+
+
+def test_the_library_packages_hold_no_command_line() -> None:
+    for package in ("detector", "training", "serving"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "argparse" not in path.read_text(), f"{path.relative_to(ROOT)}: CLI code"
+
+
+def test_readme_draws_the_import_rules() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for package, allowed in ALLOWED_IMPORTS.items():
+        line = f"`{package}` imports " + (
+            ", ".join(f"`{p}`" for p in sorted(allowed)) if allowed else "nothing of ours"
+        )
+        assert line in readme, f"README's architecture section should say: {line}"

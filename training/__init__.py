@@ -1,1 +1,1 @@
-"""vae-anomaly's training side: data, the training loop, calibration, evaluation, the benchmark."""
+"""vae-anomaly's training side: data, the training loop, calibration, evaluation, the report."""

@@ -1,8 +1,8 @@
-"""The real service on a loopback port, for integration tests (see serving.process)."""
+"""The real service on a loopback port, for integration tests (see vae_anomaly.bench.process)."""
 
 from __future__ import annotations
 
-from serving.process import ServerProcess, free_port
+from vae_anomaly.bench.process import ServerProcess, free_port
 
 LiveServer = ServerProcess
 

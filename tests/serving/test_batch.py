@@ -20,9 +20,9 @@ import pytest
 from detector.detector import Detector
 from serving import batch
 from serving.batch import BatchOptions, score_files
-from training.cli import main
 from training.data import Dataset
 from training.pipeline import TrainOutcome
+from vae_anomaly.cli import main
 
 RESULTS = ["score", "reconstruction", "kl", "complexity", "neighbour", "p_value", "is_anomaly"]
 
@@ -244,7 +244,7 @@ def test_a_killed_run_leaves_no_output(trained: TrainOutcome, tmp_path: Path, si
     cmd = [
         sys.executable,
         "-m",
-        "training.cli",
+        "vae_anomaly",
         "score",
         "--model",
         str(trained.path),

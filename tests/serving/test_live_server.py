@@ -243,7 +243,7 @@ def test_sighup_rolls_several_workers_onto_a_new_artifact(
 def test_admin_endpoint_refuses_several_workers(trained: TrainOutcome) -> None:
     assert trained.path is not None
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", "--model", str(trained.path),
+        [sys.executable, "-m", "vae_anomaly", "serve", "--model", str(trained.path),
          "--workers", "2", "--enable-admin", "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

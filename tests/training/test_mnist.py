@@ -14,10 +14,10 @@ import pytest
 
 from detector.errors import DataError
 from training import data as D
-from training.cli import main
 from training.evaluate import evaluate
 from training.pipeline import DataOptions, ModelOptions, train_detector
 from training.train import TrainConfig
+from vae_anomaly.cli import main
 
 pytestmark = pytest.mark.slow
 

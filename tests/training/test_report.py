@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import main
 from training.data import Dataset
 from training.evaluate import detection_metrics
 from training.pipeline import TrainOutcome
 from training.report import build
+from vae_anomaly.cli import main
 
 LABELLED = {
     "training_curves.png",

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from detector.errors import ConfigError, DataError
-from training import benchmark as B
 from training import tabular as T
 from training.data import Dataset, Split, load_fashion_mnist
 from training.pipeline import CalibrationOptions, ModelOptions
 from training.train import TrainConfig
+from vae_anomaly.bench import suites as B
 
 
 @pytest.mark.parametrize(

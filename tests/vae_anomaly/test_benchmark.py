@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from detector.errors import ConfigError, DataError
-from training import benchmark as B
-from training.cli import main
 from training.pipeline import CalibrationOptions, ModelOptions
 from training.train import TrainConfig
+from vae_anomaly.bench import suites as B
+from vae_anomaly.cli import main
 
 FAST = dict(
     dataset="digits",

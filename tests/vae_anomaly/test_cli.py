@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from detector.detector import Detector
-from training.cli import main
 from training.pipeline import TrainOutcome
+from vae_anomaly.cli import main
 
 TRAIN_FAST = [
     "train", "--dataset", "digits", "--normal-class", "0", "--arch", "mlp", "--widths", "64,32",
@@ -291,3 +291,48 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str], cmd: list[str
     if cmd:
         code, _, err = _run(capsys, *cmd, "--bogus-flag")
         assert code == 2 and len(err.strip().splitlines()) == 1 and "(see --help)" in err
+
+
+def test_every_command_sets_a_passive_thread_policy_before_torch_loads() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from serving.cpus import cpu_quota
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    probe = (
+        "import os, sys\n"
+        "from vae_anomaly.cli import set_thread_policy\n"
+        "too_late = set_thread_policy()\n"
+        "print(too_late, 'torch' in sys.modules, os.environ['OMP_WAIT_POLICY'],"
+        " os.environ['OMP_NUM_THREADS'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "False", "PASSIVE", str(cpu_quota())]
+    # a policy the user chose is kept
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["False", "False", "ACTIVE", "3"]
+
+
+def test_the_package_runs_as_a_module_and_exports_the_detector() -> None:
+    import subprocess
+    import sys
+
+    import vae_anomaly
+    from detector import Detector as CoreDetector
+
+    assert vae_anomaly.Detector is CoreDetector
+    done = subprocess.run(
+        [sys.executable, "-m", "vae_anomaly", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("train", "score", "serve", "benchmark", "evaluate", "report", "info"):
+        assert command in done.stdout

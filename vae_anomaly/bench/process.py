@@ -35,7 +35,7 @@ class ServerProcess:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "training.cli", "serve", "--model", str(model_dir)]
+        cmd = [sys.executable, "-m", "vae_anomaly", "serve", "--model", str(model_dir)]
         cmd += ["--port", str(self.port), *args]
         fd, log = tempfile.mkstemp(prefix=f"vae-anomaly-serve-{self.port}-", suffix=".log")
         self.log_path = Path(log)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import load as load_artifact
-from serving.process import ServerProcess
+from vae_anomaly.bench.process import ServerProcess
 
 
 @dataclass
@@ -211,7 +211,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    from serving.settings import cpu_quota
+    from serving.cpus import cpu_quota
 
     return {
         "cpu": cpu,

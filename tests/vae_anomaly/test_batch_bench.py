@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.batch_bench import breakdown, format_table
+from vae_anomaly.bench.batch import breakdown, format_table
 
 
 def _result() -> dict:  # type: ignore[type-arg]

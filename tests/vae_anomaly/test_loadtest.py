@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from serving.loadtest import _client, _content_length, process_tree_cpu
+from vae_anomaly.bench.loadtest import _client, _content_length, process_tree_cpu
 
 
 def test_content_length_is_read_from_any_header_position() -> None:

@@ -6,7 +6,7 @@ would; normal again), scrapes ``/metrics`` every second, computes what the dashb
 compute (rates, latency quantiles, anomaly share, batch sizes, the score distribution) and draws
 the panels with matplotlib.
 
-    python deploy/dashboard_preview.py --model runs/mnist-0 --out docs/dashboard.png
+    python tools/dashboard_preview.py --model runs/mnist-0 --out docs/dashboard.png
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from detector.artifact import load as load_artifact
-from serving.process import ServerProcess
 from training.data import load_mnist
+from vae_anomaly.bench.process import ServerProcess
 
 
 def scrape(url: str) -> dict[str, float]:

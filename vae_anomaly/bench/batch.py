@@ -107,7 +107,7 @@ def _score_runs(cfg: BatchBenchConfig, src: Path, scale: float) -> dict[str, Any
 def _score_run(cfg: BatchBenchConfig, src: Path, scale: float) -> dict[str, Any]:
     out = cfg.work_dir / f"{src.stem}.scores.parquet"
     cmd = [
-        sys.executable, "-m", "training.cli", "score", "--model", cfg.model, str(src),
+        sys.executable, "-m", "vae_anomaly", "score", "--model", cfg.model, str(src),
         "--out", str(out), "--overwrite", "--no-progress", "--scale", str(scale),
         "--chunk-rows", str(cfg.chunk_rows), "--batch-size", str(cfg.batch_size),
         "--engine", cfg.engine,

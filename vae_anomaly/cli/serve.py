@@ -1,0 +1,133 @@
+"""``vae-anomaly serve`` and ``info``: run the HTTP service; describe an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vae_anomaly.cli._common import (
+    HelpFormatter,
+    echo,
+    positive_int,
+)
+
+
+def register(sub: Any, fmt: type[HelpFormatter]) -> None:
+    """Register the serve and info commands on ``sub``."""
+    from serving.settings import Settings
+
+    st = Settings()
+
+    # -- serve --------------------------------------------------------------------------------
+    sv = sub.add_parser(
+        "serve",
+        help="serve an artifact over HTTP (POST /score, /metrics, ...)",
+        description="Start the HTTP service under uvicorn. Every option can also be set by an "
+        "environment variable VAE_ANOMALY_<OPTION> (e.g. VAE_ANOMALY_MAX_BATCH_SIZE); options "
+        "given here win. VAE_ANOMALY_API_KEY, if set, makes /score, /metadata and /admin require "
+        "header X-API-Key.",
+        formatter_class=fmt,
+    )
+    sv.add_argument("--model", help="artifact directory (or VAE_ANOMALY_MODEL_DIR)")
+    sv.add_argument("--host", help=f"bind address (default {st.host})")
+    sv.add_argument("--port", type=int, help=f"port (default {st.port})")
+    sv.add_argument("--workers", type=positive_int, help=f"worker processes (default {st.workers})")
+    sv.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        help=f"rows per forward pass (default {st.max_batch_size})",
+    )
+    sv.add_argument(
+        "--max-wait-ms", type=float, help=f"micro-batch wait (default {st.max_wait_ms})"
+    )
+    sv.add_argument(
+        "--max-instances",
+        type=positive_int,
+        help=f"instances per request (default {st.max_instances})",
+    )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        help=f"request body limit (default {st.max_body_bytes})",
+    )
+    sv.add_argument(
+        "--torch-threads", type=int, help="torch threads per worker (default: CPU quota / workers)"
+    )
+    sv.add_argument(
+        "--enable-admin", action="store_true", default=None, help="enable POST /admin/reload"
+    )
+    sv.add_argument("--device", help=f"cpu, cuda or auto (default {st.device})")
+    sv.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help=f"(default {st.log_level})",
+    )
+
+    # -- info ---------------------------------------------------------------------------------
+    inf = sub.add_parser(
+        "info",
+        help="print an artifact's config, threshold and provenance",
+        description="Verify an artifact's checksums and print what it is.",
+        formatter_class=fmt,
+    )
+    inf.add_argument("--model", required=True, help="artifact directory")
+    inf.add_argument("--json", action="store_true", help="print JSON")
+    sv.set_defaults(handler=run_serve)
+    inf.set_defaults(handler=run_info)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serving.server import run
+    from serving.settings import Settings
+
+    settings = Settings.from_env(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_instances=args.max_instances,
+        max_body_bytes=args.max_body_bytes,
+        torch_threads=args.torch_threads,
+        enable_admin=args.enable_admin,
+        device=args.device,
+        log_level=args.log_level,
+    )
+    run(settings)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from detector.detector import Detector
+
+    det = Detector.load(args.model, device="cpu")
+    d = det.describe()
+    if args.json:
+        echo(json.dumps(d, indent=2))
+        return 0
+    m, inp, data = d["model"], d["input"], d["data"]
+    rows: list[tuple[str, Any]] = [
+        ("model version", d["model_version"]),
+        ("created", d["created_at"]),
+        (
+            "model",
+            f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood",
+        ),
+        ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
+        ("score", f"{d['score_kind']}: {d['score_definition']}"),
+        (
+            "threshold",
+            f"{d['threshold']:.4f} nats, target FPR {d['target_fpr']:.2%}, n_cal {d['n_calibration']}",
+        ),
+        (
+            "data",
+            f"{data.get('dataset')} (normal class {data.get('normal_class')}) from {data.get('source')}",
+        ),
+        ("versions", ", ".join(f"{k} {v}" for k, v in d["versions"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        echo(f"{k:<{width}}  {v}")
+    return 0
