@@ -35,7 +35,7 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for family in (data, train, bench, evaluate, score, serve):
+    for family in (data, train, evaluate, score, serve, bench):  # the order of --help
         family.register(sub, HelpFormatter)
     return p
 
