@@ -10,18 +10,18 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from detector import artifact as _artifact
-from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL, complexity_nats
+from detector.complexity import complexity_nats
 from detector.errors import ConfigError, InputError, NotCalibratedError
 from detector.model import VAE
 from detector.neighbours import DEFAULT_K, neighbour_distance
-from detector.score import ScoreParts, score_batch, score_definition
+from detector.score import ScoreConfig, ScoreParts, score_batch
 from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
 
@@ -79,19 +79,39 @@ class DetectionResult:
     is_anomaly: npt.NDArray[np.bool_]
     threshold: float
 
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "score",
+        "reconstruction",
+        "kl",
+        "complexity",
+        "neighbour",
+        "p_value",
+        "is_anomaly",
+    )  # the per-sample results, in the order of every response and output file
+
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
+    @classmethod
+    def from_parts(
+        cls, parts: dict[str, npt.NDArray[np.float64]], calibration: Calibration
+    ) -> DetectionResult:
+        """Score parts (``Detector.score_parts``) made into decisions: the one place where
+        scores become p-values and flags, for the facade, the service and batch scoring."""
+        score = parts["score"]
+        return cls(
+            score=score,
+            reconstruction=parts["reconstruction"],
+            kl=parts["kl"],
+            complexity=parts["complexity"],
+            neighbour=parts["neighbour"],
+            p_value=calibration.p_values(score),
+            is_anomaly=calibration.flags(score),
+            threshold=calibration.threshold,
+        )
+
     def columns(self) -> dict[str, npt.NDArray[Any]]:
-        return {
-            "score": self.score,
-            "reconstruction": self.reconstruction,
-            "kl": self.kl,
-            "complexity": self.complexity,
-            "neighbour": self.neighbour,
-            "p_value": self.p_value,
-            "is_anomaly": self.is_anomaly,
-        }
+        return {name: getattr(self, name) for name in self.COLUMNS}
 
 
 class Detector:
@@ -127,7 +147,7 @@ class Detector:
                     f"{tuple(ref.shape)}"
                 )
             self.reference = ref.to(self.device)
-        if calibration is not None and calibration.neighbour_weight > 0:
+        if calibration is not None and calibration.score_config.neighbour_weight > 0:
             n = 0 if self.reference is None else int(self.reference.shape[0])
             if n != calibration.n_reference:
                 raise ConfigError(
@@ -170,24 +190,19 @@ class Detector:
 
     @property
     def threshold(self) -> float:
-        return self._calibration().threshold
+        return self.require_calibration().threshold
+
+    @property
+    def score_config(self) -> ScoreConfig:
+        """The calibration's score settings; the plain -ELBO for an uncalibrated detector."""
+        return self.calibration.score_config if self.calibration else ScoreConfig()
 
     @property
     def score_definition(self) -> str:
-        cal = self.calibration
-        if cal is None:
-            return score_definition(0.0)
-        return score_definition(
-            cal.complexity_weight,
-            cal.complexity_codec,
-            cal.complexity_level,
-            cal.complexity_cap,
-            cal.neighbour_weight,
-            cal.neighbour_k,
-            image_filter=cal.complexity_filter,
-        )
+        return self.score_config.definition()
 
-    def _calibration(self) -> Calibration:
+    def require_calibration(self) -> Calibration:
+        """The calibration, or NotCalibratedError: what thresholds, p-values and flags need."""
         if self.calibration is None:
             raise NotCalibratedError(
                 "this detector has no threshold yet; calibrate it on held-out normal data first"
@@ -198,7 +213,7 @@ class Detector:
         """A detector sharing this model, thresholded for another target FPR."""
         other = Detector(
             self.model,
-            self._calibration().with_fpr(target_fpr),
+            self.require_calibration().with_fpr(target_fpr),
             self.input_spec,
             model_version=self.model_version,
             metadata=self.metadata,
@@ -211,72 +226,21 @@ class Detector:
 
     # -- scoring ----------------------------------------------------------------------------
     def score_parts(
-        self,
-        x: Any,
-        *,
-        kind: str | None = None,
-        samples: int | None = None,
-        complexity_weight: float | None = None,
-        complexity_level: int | None = None,
-        complexity_codec: str | None = None,
-        complexity_filter: str | None = None,
-        complexity_cap: float | None = None,
-        neighbour_weight: float | None = None,
-        name: str = "X",
+        self, x: Any, *, config: ScoreConfig | None = None, name: str = "X"
     ) -> dict[str, npt.NDArray[np.float64]]:
-        """Validate ``x``; return score, reconstruction, kl, complexity. Higher = more anomalous.
+        """Validate ``x``; return score, reconstruction, kl, complexity, neighbour (each (N,)).
+        Higher = more anomalous.
 
-        Needs no calibration. The score's settings (kind elbo / iwae, its sample count, the
-        complexity weight, cap, codec and filter, the neighbour weight) default to the calibration's,
-        else the plain ELBO. The ``neighbour`` part is computed whenever reference rows exist.
+        Needs no calibration: ``config`` defaults to the calibration's score settings
+        (:attr:`score_config`). The ``neighbour`` part is computed whenever reference rows exist.
         ``name`` is what error messages call ``x``.
         """
         arr = validate_samples(x, self.input_spec, name=name)
-        settings = self._score_settings(
-            kind=kind,
-            samples=samples,
-            complexity_weight=complexity_weight,
-            complexity_level=complexity_level,
-            complexity_codec=complexity_codec,
-            complexity_filter=complexity_filter,
-            complexity_cap=complexity_cap,
-            neighbour_weight=neighbour_weight,
-        )
-        return self._score_array(arr, **settings)
+        return self._score_array(arr, config or self.score_config)
 
     def score_validated(self, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float64]]:
         """Score parts of rows already shaped (N, *input_shape) by ``validate_samples``."""
-        return self._score_array(x, **self._score_settings())
-
-    def _score_settings(self, **overrides: Any) -> dict[str, Any]:
-        cal = self.calibration
-        settings: dict[str, Any] = (
-            {
-                "kind": cal.score_kind,
-                "samples": cal.score_samples,
-                "complexity_weight": cal.complexity_weight,
-                "complexity_level": cal.complexity_level,
-                "complexity_codec": cal.complexity_codec,
-                "complexity_filter": cal.complexity_filter,
-                "complexity_cap": cal.complexity_cap,
-                "neighbour_weight": cal.neighbour_weight,
-                "neighbour_k": cal.neighbour_k,
-            }
-            if cal
-            else {
-                "kind": "elbo",
-                "samples": 1,
-                "complexity_weight": 0.0,
-                "complexity_level": DEFAULT_LEVEL,
-                "complexity_codec": DEFAULT_CODEC,
-                "complexity_filter": DEFAULT_FILTER,
-                "complexity_cap": None,
-                "neighbour_weight": 0.0,
-                "neighbour_k": DEFAULT_K,
-            }
-        )
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        return settings
+        return self._score_array(x, self.score_config)
 
     def score(self, x: Any, *, name: str = "X") -> DetectionResult:
         """Validate ``x`` ((N, features) or (N, *shape)) and score it.
@@ -285,18 +249,8 @@ class Detector:
             DetectionResult: score (higher = more anomalous), reconstruction, kl, p_value (small =
             anomalous), is_anomaly (score > threshold), and the threshold used.
         """
-        cal = self._calibration()
-        parts = self.score_parts(x, name=name)
-        return DetectionResult(
-            score=parts["score"],
-            reconstruction=parts["reconstruction"],
-            kl=parts["kl"],
-            complexity=parts["complexity"],
-            neighbour=parts["neighbour"],
-            p_value=cal.p_values(parts["score"]),
-            is_anomaly=cal.flags(parts["score"]),
-            threshold=cal.threshold,
-        )
+        cal = self.require_calibration()
+        return DetectionResult.from_parts(self.score_parts(x, name=name), cal)
 
     def predict(self, x: Any) -> npt.NDArray[np.bool_]:
         """True for anomalies (score > threshold)."""
@@ -350,22 +304,12 @@ class Detector:
         return self._traced
 
     def _score_array(
-        self,
-        arr: npt.NDArray[np.float32],
-        kind: str,
-        samples: int,
-        complexity_weight: float,
-        complexity_level: int,
-        complexity_codec: str,
-        complexity_filter: str,
-        complexity_cap: float | None,
-        neighbour_weight: float,
-        neighbour_k: int,
+        self, arr: npt.NDArray[np.float32], config: ScoreConfig
     ) -> dict[str, npt.NDArray[np.float64]]:
-        if neighbour_weight > 0 and self.reference is None:
+        if config.neighbour_weight > 0 and self.reference is None:
             raise ConfigError("the neighbour term needs reference rows; this detector has none")
-        parts = self._model_parts(arr, kind, samples, neighbour_k)
-        if complexity_weight:
+        parts = self._model_parts(arr, config.kind, config.samples, config.neighbour_k)
+        if config.complexity_weight:
             if self.input_spec.value_range is None:
                 raise ConfigError(
                     "the complexity correction needs inputs with a known value range; this "
@@ -374,19 +318,19 @@ class Detector:
             parts["complexity"] = complexity_nats(
                 arr,
                 self.input_spec.value_range,
-                level=complexity_level,
-                codec=complexity_codec,
-                image_filter=complexity_filter,
+                level=config.complexity_level,
+                codec=config.complexity_codec,
+                image_filter=config.complexity_filter,
                 shape=self.input_spec.shape,
             )
             credit = parts["complexity"]
-            if complexity_cap is not None:
-                credit = np.minimum(credit, complexity_cap)
-            parts["score"] = parts["score"] - complexity_weight * credit
+            if config.complexity_cap is not None:
+                credit = np.minimum(credit, config.complexity_cap)
+            parts["score"] = parts["score"] - config.complexity_weight * credit
         else:
             parts["complexity"] = np.zeros_like(parts["score"])
-        if neighbour_weight:
-            parts["score"] = parts["score"] + neighbour_weight * parts["neighbour"]
+        if config.neighbour_weight:
+            parts["score"] = parts["score"] + config.neighbour_weight * parts["neighbour"]
         return parts
 
     @torch.inference_mode()
@@ -429,15 +373,15 @@ class Detector:
         return {
             "model_version": self.model_version,
             "score_definition": self.score_definition,
-            "complexity_weight": cal.complexity_weight if cal else 0.0,
-            "complexity_cap": cal.complexity_cap if cal else None,
-            "neighbour_weight": cal.neighbour_weight if cal else 0.0,
+            "complexity_weight": self.score_config.complexity_weight,
+            "complexity_cap": self.score_config.complexity_cap,
+            "neighbour_weight": self.score_config.neighbour_weight,
             "n_reference": 0 if self.reference is None else int(self.reference.shape[0]),
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),
             "threshold": cal.threshold if cal else None,
             "target_fpr": cal.target_fpr if cal else None,
-            "score_kind": cal.score_kind if cal else None,
+            "score_kind": cal.score_config.kind if cal else None,
             "n_calibration": cal.n if cal else 0,
             "training": cfg.get("training", {}),
             "data": cfg.get("data", {}),

@@ -22,13 +22,22 @@ same K draws: they sum to the K-sample -ELBO, which is >= ``score``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 
+from detector.complexity import (
+    DEFAULT_CODEC,
+    DEFAULT_FILTER,
+    DEFAULT_LEVEL,
+    check_codec,
+    check_filter,
+    codec_version,
+)
 from detector.errors import ConfigError
 from detector.model import VAE
+from detector.neighbours import DEFAULT_K
 
 ScoreKind = Literal["elbo", "iwae"]
 SCORE_KINDS: tuple[str, ...] = ("elbo", "iwae")
@@ -39,46 +48,114 @@ SCORE_DEFINITION = (
 )
 
 
-def score_definition(
-    complexity_weight: float = 0.0,
-    codec: str = "zlib-ng",
-    level: int = 1,
-    cap: float | None = None,
-    neighbour_weight: float = 0.0,
-    neighbour_k: int = 5,
-    image_filter: str = "none",
-) -> str:
-    """The score's definition in words, for responses and ``info``."""
-    near = (
-        ""
-        if not neighbour_weight
-        else f" + {neighbour_weight:.4g} * neighbour, where neighbour = the distance from the "
-        f"posterior mean E[z|x] to its {neighbour_k}th nearest training posterior mean"
-    )
-    if not complexity_weight:
-        if not near:
-            return SCORE_DEFINITION
-        return (
-            f"score = reconstruction + kl{near} (higher = more anomalous); reconstruction = "
-            "-log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), in nats"
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything that defines a detector's score, carried end to end as one value.
+
+    score = -ELBO (``kind`` elbo, or the ``samples``-draw importance-weighted bound)
+            - complexity_weight * min(L(x), complexity_cap)      (detector.complexity)
+            + neighbour_weight * (distance from E[z|x] to its neighbour_k-th nearest training
+              posterior mean)                                    (detector.neighbours)
+
+    The calibration saves it with flat keys (``score_kind``, ``complexity_codec``, ...), which
+    older artifacts also have; keys an older artifact lacks get the value it was scored with.
+    """
+
+    kind: str = "elbo"
+    samples: int = 1
+    complexity_weight: float = 0.0
+    complexity_level: int = DEFAULT_LEVEL
+    complexity_codec: str = DEFAULT_CODEC
+    complexity_filter: str = DEFAULT_FILTER
+    # min(L(x), cap): complexity above the cap earns no credit; None = uncapped
+    complexity_cap: float | None = None
+    neighbour_weight: float = 0.0
+    neighbour_k: int = DEFAULT_K
+
+    def __post_init__(self) -> None:
+        validate_score_kind(self.kind, self.samples)
+        check_codec(self.complexity_codec, self.complexity_level)
+        check_filter(self.complexity_filter)
+        if not (math.isfinite(self.complexity_weight) and self.complexity_weight >= 0):
+            raise ConfigError(f"complexity weight must be >= 0, got {self.complexity_weight}")
+        cap = self.complexity_cap
+        if cap is not None and not (math.isfinite(cap) and cap >= 0):
+            raise ConfigError(f"complexity cap must be a finite number >= 0 (nats), got {cap}")
+        if not (math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0):
+            raise ConfigError(
+                f"neighbour weight must be a finite number >= 0, got {self.neighbour_weight}"
+            )
+        if self.neighbour_k < 1:
+            raise ConfigError(f"neighbour k must be >= 1, got {self.neighbour_k}")
+
+    def replace(self, **changes: Any) -> ScoreConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The calibration file's keys."""
+        return {
+            "score_kind": self.kind,
+            "score_samples": self.samples,
+            "complexity_weight": self.complexity_weight,
+            "complexity_level": self.complexity_level,
+            "complexity_codec": self.complexity_codec,
+            "complexity_codec_version": codec_version(self.complexity_codec),
+            "complexity_filter": self.complexity_filter,
+            "complexity_cap": self.complexity_cap,
+            "neighbour_weight": self.neighbour_weight,
+            "neighbour_k": self.neighbour_k,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScoreConfig:
+        cap = d.get("complexity_cap")
+        return cls(
+            kind=str(d.get("score_kind", "elbo")),
+            samples=int(d.get("score_samples", 1)),
+            complexity_weight=float(d.get("complexity_weight", 0.0)),
+            complexity_level=int(d.get("complexity_level", 1)),
+            # calibrations written before the codec was recorded used the standard zlib, and
+            # before the filter was recorded compressed the raw bytes
+            complexity_codec=str(d.get("complexity_codec", "zlib")),
+            complexity_filter=str(d.get("complexity_filter", "none")),
+            complexity_cap=None if cap is None else float(cap),
+            neighbour_weight=float(d.get("neighbour_weight", 0.0)),
+            neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
         )
-    w = "" if complexity_weight == 1 else f"{complexity_weight:g} * "
-    term = "complexity" if cap is None else f"min(complexity, {cap:.1f})"
-    capped = (
-        ""
-        if cap is None
-        else f"; the credit for complexity stops at {cap:.1f} nats (by default the median "
-        "complexity of the normal validation data), so inputs more complex than the normal data "
-        "gain nothing from it"
-    )
-    filtered = "" if image_filter == "none" else " after PNG's Average filter"
-    return (
-        f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
-        f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
-        "reconstruction = -log p(x|z) at "
-        "the posterior mean, kl = KL(q(z|x) || N(0, I)), complexity = DEFLATE code length "
-        f"({codec} level {level}) of the 8-bit input{filtered}"
-    )
+
+    def definition(self) -> str:
+        """The score's definition in words, for responses and ``info``."""
+        near = (
+            ""
+            if not self.neighbour_weight
+            else f" + {self.neighbour_weight:.4g} * neighbour, where neighbour = the distance from "
+            f"the posterior mean E[z|x] to its {self.neighbour_k}th nearest training posterior mean"
+        )
+        if not self.complexity_weight:
+            if not near:
+                return SCORE_DEFINITION
+            return (
+                f"score = reconstruction + kl{near} (higher = more anomalous); reconstruction = "
+                "-log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), in nats"
+            )
+        cap = self.complexity_cap
+        w = "" if self.complexity_weight == 1 else f"{self.complexity_weight:g} * "
+        term = "complexity" if cap is None else f"min(complexity, {cap:.1f})"
+        capped = (
+            ""
+            if cap is None
+            else f"; the credit for complexity stops at {cap:.1f} nats (by default the median "
+            "complexity of the normal validation data), so inputs more complex than the normal "
+            "data gain nothing from it"
+        )
+        filtered = "" if self.complexity_filter == "none" else " after PNG's Average filter"
+        return (
+            f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
+            f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
+            "reconstruction = -log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), "
+            f"complexity = DEFLATE code length ({self.complexity_codec} level "
+            f"{self.complexity_level}) of the 8-bit input{filtered}"
+        )
 
 
 @dataclass(frozen=True)

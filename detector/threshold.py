@@ -23,15 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detector.complexity import (
-    DEFAULT_CODEC,
-    DEFAULT_FILTER,
-    check_codec,
-    check_filter,
-    codec_version,
-)
 from detector.errors import ConfigError, FPRError
-from detector.neighbours import DEFAULT_K, MAX_REFERENCE_ROWS
+from detector.neighbours import MAX_REFERENCE_ROWS
+from detector.score import ScoreConfig
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -83,25 +77,7 @@ def _as_scores(values: npt.ArrayLike) -> FloatArray:
     return scores
 
 
-def _check_cap(cap: float | None) -> None:
-    if cap is not None and not (math.isfinite(cap) and cap >= 0):
-        raise ConfigError(f"complexity cap must be a finite number >= 0 (nats), got {cap}")
-
-
 PROTOCOLS: tuple[str, ...] = ("split", "cross-fit")
-
-
-def _check_neighbours(weight: float, k: int, n_reference: int) -> None:
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ConfigError(f"neighbour weight must be a finite number >= 0, got {weight}")
-    if k < 1:
-        raise ConfigError(f"neighbour k must be >= 1, got {k}")
-    if not 0 <= n_reference <= MAX_REFERENCE_ROWS:
-        raise ConfigError(
-            f"n_reference must be between 0 and {MAX_REFERENCE_ROWS}, got {n_reference}"
-        )
-    if weight > 0 and n_reference < 1:
-        raise ConfigError("a neighbour weight > 0 needs reference rows (n_reference >= 1)")
 
 
 def _check_protocol(protocol: str) -> None:
@@ -111,32 +87,29 @@ def _check_protocol(protocol: str) -> None:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A threshold and the calibration scores behind it (saved as ``calibration.json``)."""
+    """A threshold, the calibration scores behind it and the score they were computed with
+    (saved as ``calibration.json``)."""
 
     target_fpr: float
     threshold: float
     scores: tuple[float, ...] = field(repr=False)
-    score_kind: str = "elbo"
-    score_samples: int = 1
-    complexity_weight: float = 0.0  # score = -ELBO - weight * L(x); see detector.complexity
-    complexity_level: int = 1  # compression level of L(x); part of the score, so saved with it
-    complexity_codec: str = DEFAULT_CODEC  # compressor of L(x) (detector.complexity.CODECS)
-    complexity_filter: str = DEFAULT_FILTER  # image filter before it (detector.complexity.FILTERS)
-    # score = -ELBO - weight * min(L(x), cap): complexity above the cap earns no credit. None =
-    # uncapped (Serra et al.'s correction; calibrations written before the cap existed).
-    complexity_cap: float | None = None
+    score_config: ScoreConfig = field(default_factory=ScoreConfig)
     # How the calibration scores were obtained: "split" (a held-out calibration split scored by
     # this model) or "cross-fit" (every normal row scored out of fold by a model of K that never
     # saw it; training.pipeline).
     protocol: str = "split"
-    # score += neighbour_weight * (distance from E[z|x] to its neighbour_k-th nearest training
-    # posterior mean); the n_reference means are stored beside the weights (detector.neighbours).
-    neighbour_weight: float = 0.0
-    neighbour_k: int = DEFAULT_K
+    # Training rows' posterior means stored beside the weights for the neighbour term
+    # (detector.neighbours); 0 when the term is off.
     n_reference: int = 0
 
     def __post_init__(self) -> None:
-        _check_neighbours(self.neighbour_weight, self.neighbour_k, self.n_reference)
+        _check_protocol(self.protocol)
+        if not 0 <= self.n_reference <= MAX_REFERENCE_ROWS:
+            raise ConfigError(
+                f"n_reference must be between 0 and {MAX_REFERENCE_ROWS}, got {self.n_reference}"
+            )
+        if self.score_config.neighbour_weight > 0 and self.n_reference < 1:
+            raise ConfigError("a neighbour weight > 0 needs reference rows (n_reference >= 1)")
 
     @classmethod
     def fit(
@@ -144,38 +117,18 @@ class Calibration:
         calibration_scores: npt.ArrayLike,
         target_fpr: float = 0.01,
         *,
-        score_kind: str = "elbo",
-        score_samples: int = 1,
-        complexity_weight: float = 0.0,
-        complexity_level: int = 1,
-        complexity_codec: str = DEFAULT_CODEC,
-        complexity_filter: str = DEFAULT_FILTER,
-        complexity_cap: float | None = None,
+        score_config: ScoreConfig | None = None,
         protocol: str = "split",
-        neighbour_weight: float = 0.0,
-        neighbour_k: int = DEFAULT_K,
         n_reference: int = 0,
     ) -> Calibration:
-        check_codec(complexity_codec, complexity_level)
-        check_filter(complexity_filter)
-        _check_protocol(protocol)
-        _check_cap(complexity_cap)
         scores = _as_scores(calibration_scores)
         threshold = conformal_threshold(scores, target_fpr)
         return cls(
             target_fpr=float(target_fpr),
             threshold=threshold,
             scores=tuple(float(s) for s in np.sort(scores)),
-            score_kind=score_kind,
-            score_samples=score_samples,
-            complexity_weight=float(complexity_weight),
-            complexity_level=int(complexity_level),
-            complexity_codec=str(complexity_codec),
-            complexity_filter=str(complexity_filter),
-            complexity_cap=None if complexity_cap is None else float(complexity_cap),
+            score_config=score_config or ScoreConfig(),
             protocol=protocol,
-            neighbour_weight=float(neighbour_weight),
-            neighbour_k=int(neighbour_k),
             n_reference=int(n_reference),
         )
 
@@ -203,21 +156,12 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "score_kind": self.score_kind,
-            "score_samples": self.score_samples,
-            "complexity_weight": self.complexity_weight,
-            "complexity_level": self.complexity_level,
-            "complexity_codec": self.complexity_codec,
-            "complexity_codec_version": codec_version(self.complexity_codec),
-            "complexity_filter": self.complexity_filter,
-            "complexity_cap": self.complexity_cap,
+            **self.score_config.to_dict(),
             "direction": "higher score = more anomalous; is_anomaly = score > threshold",
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
             "n_calibration": self.n,
             "protocol": self.protocol,
-            "neighbour_weight": self.neighbour_weight,
-            "neighbour_k": self.neighbour_k,
             "n_reference": self.n_reference,
             "method": "conformal: k-th smallest score, k = ceil((n + 1)(1 - target_fpr))",
             "scores": list(self.scores),
@@ -229,24 +173,10 @@ class Calibration:
             target_fpr=float(d["target_fpr"]),
             threshold=float(d["threshold"]),
             scores=tuple(float(s) for s in d["scores"]),
-            score_kind=str(d.get("score_kind", "elbo")),
-            score_samples=int(d.get("score_samples", 1)),
-            complexity_weight=float(d.get("complexity_weight", 0.0)),
-            complexity_level=int(d.get("complexity_level", 1)),
-            # calibrations written before the codec was recorded used the standard zlib
-            complexity_codec=str(d.get("complexity_codec", "zlib")),
-            # ... and compressed the input unfiltered
-            complexity_filter=str(d.get("complexity_filter", "none")),
-            complexity_cap=None if d.get("complexity_cap") is None else float(d["complexity_cap"]),
+            score_config=ScoreConfig.from_dict(d),
             protocol=str(d.get("protocol", "split")),
-            neighbour_weight=float(d.get("neighbour_weight", 0.0)),
-            neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
             n_reference=int(d.get("n_reference", 0)),
         )
-        _check_protocol(cal.protocol)
-        check_codec(cal.complexity_codec, cal.complexity_level)
-        check_filter(cal.complexity_filter)
-        _check_cap(cal.complexity_cap)
         if cal.n != int(d.get("n_calibration", cal.n)):
             raise ConfigError("calibration.json: n_calibration does not match its scores")
         return cal

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detector.detector import Detector
+from detector.detector import DetectionResult, Detector
 from detector.errors import ArtifactError, InputError, VAEAnomalyError
 from detector.spec import validate_samples
 from detector.threshold import Calibration
@@ -447,30 +447,11 @@ class ScoreEndpoint:
         assert cal is not None  # a served detector is always calibrated
         if opts.target_fpr is not None:
             cal = _calibration_for(cal, opts.target_fpr)
-        s = parts["score"]
-        flags = cal.flags(s)
-        pv = cal.p_values(s)
-        state.metrics.observe_scores(s, flags)
+        decided = DetectionResult.from_parts(parts, cal)
+        state.metrics.observe_scores(decided.score, decided.is_anomaly)
+        columns = {k: v.tolist() for k, v in decided.columns().items()}
         results: list[dict[str, Any]] = [
-            {
-                "score": a,
-                "reconstruction": b,
-                "kl": c,
-                "complexity": d,
-                "neighbour": g,
-                "p_value": e,
-                "is_anomaly": f,
-            }
-            for a, b, c, d, g, e, f in zip(
-                s.tolist(),
-                parts["reconstruction"].tolist(),
-                parts["kl"].tolist(),
-                parts["complexity"].tolist(),
-                parts["neighbour"].tolist(),
-                pv.tolist(),
-                flags.tolist(),
-                strict=True,
-            )
+            dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
         ]
         if opts.explain:
             recon = await asyncio.to_thread(used.reconstruct, x)

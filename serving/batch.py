@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from detector._io import atomic_output, write_json
-from detector.detector import Detector
+from detector.detector import DetectionResult, Detector
 from detector.errors import DataError, InputError
 from detector.spec import RANGE_TOLERANCE, InputSpec, check_batch_shape
 
@@ -48,15 +48,7 @@ log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".npy", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
-RESULT_COLUMNS = (
-    "score",
-    "reconstruction",
-    "kl",
-    "complexity",
-    "neighbour",
-    "p_value",
-    "is_anomaly",
-)
+RESULT_COLUMNS = DetectionResult.COLUMNS
 DEFAULT_CHUNK_ROWS = 8192
 CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text parsed at once (about 4,500 MNIST rows)
 
@@ -562,20 +554,11 @@ def read_blocks(
 # -- scoring and writing ------------------------------------------------------------------------
 def score_block(detector: Detector, block: Block) -> pa.Table:
     """The output rows of one block: source, row, id / pass-through columns, score parts."""
-    cal = detector._calibration()
+    cal = detector.require_calibration()
     n = len(block.rows)
     if n:
         parts = detector.score_validated(block.x.reshape(n, *detector.input_spec.shape))
-        score = parts["score"]
-        result = {
-            "score": score,
-            "reconstruction": parts["reconstruction"],
-            "kl": parts["kl"],
-            "complexity": parts["complexity"],
-            "neighbour": parts["neighbour"],
-            "p_value": cal.p_values(score),
-            "is_anomaly": cal.flags(score),
-        }
+        result = DetectionResult.from_parts(parts, cal).columns()
     else:
         result = {
             k: np.zeros(0, dtype=bool if k == "is_anomaly" else np.float64) for k in RESULT_COLUMNS
@@ -682,7 +665,7 @@ def score_files(
     """
     opts = options or BatchOptions()
     opts.validate()
-    detector._calibration()
+    detector.require_calibration()
     files = [Path(p) for p in inputs]
     out = Path(output)
     check_output(out, opts.overwrite)
@@ -725,7 +708,7 @@ def score_files(
             )
         writer.close()
         seconds = time.perf_counter() - t0
-        cal = detector._calibration()
+        cal = detector.require_calibration()
         summary = Summary(
             inputs=[str(f) for f in files],
             output=str(out),

@@ -11,6 +11,7 @@ from detector.detector import Detector
 from detector.errors import ConfigError
 from detector.model import VAE
 from detector.neighbours import fit_weight
+from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
 
@@ -30,19 +31,19 @@ def neighbour_setup(
     input_spec: InputSpec,
     share: float,
     *,
+    config: ScoreConfig | None = None,
     device: str = "cpu",
-    **score_settings: object,
 ) -> tuple[torch.Tensor | None, float]:
     """The reference (the training rows' posterior means) and the neighbour weight fitted on the
-    validation rows (k = detector.neighbours.DEFAULT_K); (None, 0.0) when ``share`` is 0."""
+    validation rows against the likelihood term of ``config`` (k = its neighbour_k); (None, 0.0)
+    when ``share`` is 0."""
     if share == 0:
         return None, 0.0
     det = Detector(model, None, input_spec, device=device)
     reference = torch.from_numpy(det.encode(x_train))
+    likelihood = (config or ScoreConfig()).replace(neighbour_weight=0.0)
     parts = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
-        x_val,
-        neighbour_weight=0.0,
-        **score_settings,  # type: ignore[arg-type]
+        x_val, config=likelihood
     )
     return reference, fit_weight(parts["score"], parts["neighbour"], share)
 
@@ -84,40 +85,19 @@ def calibrate(
     input_spec: InputSpec,
     *,
     target_fpr: float = DEFAULT_TARGET_FPR,
-    score_kind: str = "elbo",
-    score_samples: int = 1,
-    complexity_weight: float = 0.0,
-    complexity_level: int = 1,
-    complexity_codec: str = DEFAULT_CODEC,
-    complexity_filter: str = DEFAULT_FILTER,
-    complexity_cap: float | None = None,
-    neighbour_weight: float = 0.0,
+    config: ScoreConfig | None = None,
     reference: torch.Tensor | None = None,
     device: str = "cpu",
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
     validate_fpr(target_fpr, int(x_cal.shape[0]))  # fail before spending time scoring
+    config = config or ScoreConfig()
     scores = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
-        x_cal,
-        kind=score_kind,
-        samples=score_samples,
-        complexity_weight=complexity_weight,
-        complexity_level=complexity_level,
-        complexity_codec=complexity_codec,
-        complexity_filter=complexity_filter,
-        complexity_cap=complexity_cap,
-        neighbour_weight=neighbour_weight,
+        x_cal, config=config
     )["score"]
     return Calibration.fit(
         scores,
         target_fpr,
-        score_kind=score_kind,
-        score_samples=score_samples,
-        complexity_weight=complexity_weight,
-        complexity_level=complexity_level,
-        complexity_codec=complexity_codec,
-        complexity_filter=complexity_filter,
-        complexity_cap=complexity_cap,
-        neighbour_weight=neighbour_weight,
+        score_config=config,
         n_reference=0 if reference is None else int(reference.shape[0]),
     )

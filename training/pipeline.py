@@ -21,6 +21,7 @@ from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError, FPRError
 from detector.model import VAE, VAEConfig
+from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import Calibration, validate_fpr
 from training.calibrate import (
@@ -225,17 +226,17 @@ def train_detector(
         if complexity_weight
         else None
     )
-    settings: dict[str, Any] = {
-        "score_kind": cal_opts.score_kind,
-        "score_samples": cal_opts.score_samples,
-        "complexity_weight": complexity_weight,
-        "complexity_level": cal_opts.complexity_level,
-        "complexity_codec": cal_opts.complexity_codec,
-        "complexity_filter": cal_opts.complexity_filter,
-        "complexity_cap": cap,
-    }
+    likelihood = ScoreConfig(
+        kind=cal_opts.score_kind,
+        samples=cal_opts.score_samples,
+        complexity_weight=complexity_weight,
+        complexity_level=cal_opts.complexity_level,
+        complexity_codec=cal_opts.complexity_codec,
+        complexity_filter=cal_opts.complexity_filter,
+        complexity_cap=cap,
+    )  # the score without its neighbour term, whose weight is fitted against it
     reference, weight = _neighbours(
-        result.model, split.x_train, split.x_val, spec, cal_opts, settings, str(device)
+        result.model, split.x_train, split.x_val, spec, cal_opts, likelihood, str(device)
     )
     if method == "cross-fit":
         cal = _cross_fit_calibration(
@@ -245,13 +246,15 @@ def train_detector(
             train,
             in_unit,
             cal_opts,
-            settings,
+            likelihood,
             progress,
             str(device),
             data.split_seed,
         )
         cal = replace(
-            cal, neighbour_weight=weight, n_reference=0 if reference is None else len(reference)
+            cal,
+            score_config=likelihood.replace(neighbour_weight=weight),
+            n_reference=0 if reference is None else len(reference),
         )
     else:
         cal = calibrate(
@@ -259,10 +262,9 @@ def train_detector(
             split.x_cal,
             spec,
             target_fpr=cal_opts.target_fpr,
-            neighbour_weight=weight,
+            config=likelihood.replace(neighbour_weight=weight),
             reference=reference,
             device=str(device),
-            **settings,
         )
     metrics = {
         "history": result.history,
@@ -380,16 +382,16 @@ def _cross_fit_calibration(
     train: TrainConfig,
     in_unit: bool,
     cal_opts: CalibrationOptions,
-    settings: dict[str, Any],
+    likelihood: ScoreConfig,
     progress: bool | None,
     device: str,
     seed: int,
 ) -> Calibration:
     """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
     2015): fold k's rows are scored by a model trained on the other folds only, with the final
-    model's score settings (the complexity cap included); each fold model's neighbour term uses
-    its own training rows and weight, fitted as the final model's are. The caller sets the final
-    model's neighbour weight on the returned calibration."""
+    model's score settings (``likelihood``: the complexity cap included); each fold model's
+    neighbour term uses its own training rows and weight, fitted as the final model's are. The
+    caller sets the final model's neighbour weight on the returned calibration."""
     pool = split.x_cal
     n = pool.shape[0]
     folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
@@ -411,25 +413,14 @@ def _cross_fit_calibration(
             f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
         )
         reference, weight = _neighbours(
-            fold.model, pool[tr], pool[val], spec, cal_opts, settings, device
+            fold.model, pool[tr], pool[val], spec, cal_opts, likelihood, device
         )
         scores[held] = Detector(
             fold.model, None, spec, device=device, reference=reference
-        ).score_parts(pool[held], neighbour_weight=weight, **_part_settings(settings))["score"]
-    return Calibration.fit(scores, cal_opts.target_fpr, protocol="cross-fit", **settings)
-
-
-def _part_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Calibration settings as ``Detector.score_parts`` keywords."""
-    return {
-        "kind": settings["score_kind"],
-        "samples": settings["score_samples"],
-        "complexity_weight": settings["complexity_weight"],
-        "complexity_level": settings["complexity_level"],
-        "complexity_codec": settings["complexity_codec"],
-        "complexity_filter": settings["complexity_filter"],
-        "complexity_cap": settings["complexity_cap"],
-    }
+        ).score_parts(pool[held], config=likelihood.replace(neighbour_weight=weight))["score"]
+    return Calibration.fit(
+        scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
+    )
 
 
 def _neighbours(
@@ -438,17 +429,11 @@ def _neighbours(
     x_val: npt.NDArray[np.float32],
     spec: InputSpec,
     cal_opts: CalibrationOptions,
-    settings: dict[str, Any],
+    likelihood: ScoreConfig,
     device: str,
 ) -> tuple[torch.Tensor | None, float]:
     return neighbour_setup(
-        model,
-        x_train,
-        x_val,
-        spec,
-        cal_opts.neighbour_share,
-        device=device,
-        **_part_settings(settings),
+        model, x_train, x_val, spec, cal_opts.neighbour_share, config=likelihood, device=device
     )
 
 

@@ -95,7 +95,7 @@ def build(
     """
     if examples < 1:
         raise InputError(f"examples must be >= 1, got {examples}")
-    cal = detector._calibration()
+    cal = detector.require_calibration()
     arr = validate_samples(x, detector.input_spec, name="report data")
     n = arr.shape[0]
     if n < 2:
@@ -349,7 +349,7 @@ def _training_curves(ctx: _Context) -> Figure:
 
 def _score_distribution(ctx: _Context) -> Figure:
     s = ctx.result.score
-    cal = np.asarray(ctx.detector._calibration().scores)
+    cal = np.asarray(ctx.detector.require_calibration().scores)
     lo, hi = np.percentile(np.concatenate([s, cal]), [0.5, 99.5])
     bins = np.linspace(lo, hi, 60).tolist()
     fig = _figure(8, 3.8)
@@ -376,7 +376,7 @@ def _score_distribution(ctx: _Context) -> Figure:
         density=True,
         label=f"calibration normals ({len(cal)})",
     )
-    fpr = ctx.detector._calibration().target_fpr
+    fpr = ctx.detector.require_calibration().target_fpr
     ax.axvline(
         ctx.threshold,
         color="k",

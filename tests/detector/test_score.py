@@ -6,7 +6,7 @@ import torch
 
 from detector.detector import Detector
 from detector.errors import ConfigError
-from detector.score import elbo_score, iwae_score, score_batch
+from detector.score import ScoreConfig, elbo_score, iwae_score, score_batch
 from training.data import Dataset
 from training.pipeline import TrainOutcome
 
@@ -18,8 +18,9 @@ def _pool(digits: Dataset) -> np.ndarray:
 
 def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     det = trained.detector
-    cal = det.calibration
-    assert cal is not None and cal.complexity_weight == 1.0  # images: on
+    assert det.calibration is not None
+    cal = det.score_config
+    assert cal.complexity_weight == 1.0  # images: on
     assert cal.complexity_cap is not None  # capped at the validation images' median L
     assert cal.neighbour_weight > 0  # the latent-neighbour term: on by default
     parts = det.score_parts(_pool(digits))
@@ -35,7 +36,9 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     assert (parts["complexity"] > cal.complexity_cap).any()  # the cap is in the data's range
     assert (parts["complexity"] < cal.complexity_cap).any()
     assert (parts["neighbour"] >= 0).all() and parts["neighbour"].max() > 0
-    uncapped = det.score_parts(_pool(digits), complexity_cap=float("inf"), neighbour_weight=0.0)
+    uncapped = det.score_parts(
+        _pool(digits), config=cal.replace(complexity_cap=None, neighbour_weight=0.0)
+    )
     np.testing.assert_allclose(
         uncapped["reconstruction"] + uncapped["kl"] - uncapped["complexity"],
         uncapped["score"],
@@ -43,7 +46,9 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
         atol=1e-3,
     )
     assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
-    plain = det.score_parts(_pool(digits), complexity_weight=0.0, neighbour_weight=0.0)
+    plain = det.score_parts(
+        _pool(digits), config=cal.replace(complexity_weight=0.0, neighbour_weight=0.0)
+    )
     np.testing.assert_allclose(
         plain["reconstruction"] + plain["kl"], plain["score"], rtol=1e-6, atol=1e-3
     )
@@ -132,16 +137,16 @@ def test_unknown_complexity_codec_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown complexity codec 'lzma'"):
         complexity_nats(np.zeros((1, 4)), codec="lzma")
     with pytest.raises(ConfigError, match="complexity level must be 0-9"):
-        Calibration.fit(np.arange(200.0), 0.05, complexity_level=12)
+        ScoreConfig(complexity_level=12)
     saved = Calibration.fit(np.arange(200.0), 0.05).to_dict()
     assert saved["complexity_codec"] == "zlib-ng"
     old = {k: v for k, v in saved.items() if k != "complexity_codec"}
-    assert Calibration.from_dict(old).complexity_codec == "zlib"  # older artifacts
+    assert Calibration.from_dict(old).score_config.complexity_codec == "zlib"  # older artifacts
     with pytest.raises(ConfigError, match="unknown complexity codec"):
         Calibration.from_dict({**saved, "complexity_codec": "brotli"})
     assert saved["complexity_filter"] == "png-average"
     old = {k: v for k, v in saved.items() if k != "complexity_filter"}
-    assert Calibration.from_dict(old).complexity_filter == "none"  # before the filter existed
+    assert Calibration.from_dict(old).score_config.complexity_filter == "none"  # before it existed
     with pytest.raises(ConfigError, match="unknown complexity filter 'paeth'"):
         Calibration.from_dict({**saved, "complexity_filter": "paeth"})
     with pytest.raises(ConfigError, match="unknown complexity filter"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from detector.errors import ConfigError, FPRError
+from detector.score import ScoreConfig
 from detector.threshold import Calibration, conformal_threshold, p_values, validate_fpr
 
 
@@ -78,7 +79,7 @@ def test_conformal_fpr_holds_on_fresh_normal_data() -> None:
 
 
 def test_calibration_dict_round_trip_and_refit() -> None:
-    cal = Calibration.fit(np.arange(200.0), 0.02, score_kind="iwae", score_samples=8)
+    cal = Calibration.fit(np.arange(200.0), 0.02, score_config=ScoreConfig(kind="iwae", samples=8))
     back = Calibration.from_dict(cal.to_dict())
     assert back == cal
     assert cal.with_fpr(0.1).threshold == conformal_threshold(np.arange(200.0), 0.1)
@@ -88,7 +89,11 @@ def test_calibration_dict_round_trip_and_refit() -> None:
 
 
 def test_calibration_records_cap_and_protocol() -> None:
-    cal = Calibration.fit(np.arange(200.0), 0.02, complexity_weight=1.0, complexity_cap=300.0)
+    cal = Calibration.fit(
+        np.arange(200.0),
+        0.02,
+        score_config=ScoreConfig(complexity_weight=1.0, complexity_cap=300.0),
+    )
     assert cal.protocol == "split"
     xf = Calibration.fit(np.arange(200.0), 0.02, protocol="cross-fit")
     for c in (cal, xf):
@@ -96,7 +101,7 @@ def test_calibration_records_cap_and_protocol() -> None:
     old = cal.to_dict()
     del old["complexity_cap"], old["protocol"]  # written before either existed
     back = Calibration.from_dict(old)
-    assert back.complexity_cap is None and back.protocol == "split"
+    assert back.score_config.complexity_cap is None and back.protocol == "split"
 
 
 @pytest.mark.parametrize(
@@ -111,3 +116,27 @@ def test_calibration_refuses_bad_cap_or_protocol(change: dict, match: str) -> No
     d = Calibration.fit(np.arange(200.0), 0.02).to_dict() | change
     with pytest.raises(ConfigError, match=match):
         Calibration.from_dict(d)
+
+
+def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same() -> None:
+    """calibration.json as the release of 2026-12-04 (f2d7552) wrote it, before the score
+    settings became one ScoreConfig: every key reads back, and writing gives the same file."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "calibration-2026-12-04.json"
+    saved = json.loads(path.read_text())
+    cal = Calibration.from_dict(saved)
+    assert cal.score_config == ScoreConfig(
+        complexity_weight=1.0,
+        complexity_cap=151.2,
+        neighbour_weight=2.5,
+        neighbour_k=5,
+        complexity_codec="zlib-ng",
+        complexity_filter="png-average",
+    )
+    assert (cal.protocol, cal.n_reference, cal.n, cal.target_fpr) == ("cross-fit", 120, 40, 0.05)
+    assert cal.threshold == saved["threshold"]
+    written = cal.to_dict()
+    del written["complexity_codec_version"], saved["complexity_codec_version"]  # the library's
+    assert written == saved

@@ -139,7 +139,7 @@ def _in_memory(cfg: BatchBenchConfig, pixels: np.ndarray) -> dict[str, float]:
     det._model_parts(x[: cfg.batch_size], "elbo", 1)  # trace and warm up
     # in the file pipeline's chunks, so both see the same cache behaviour
     chunks = [x[i : i + cfg.chunk_rows] for i in range(0, len(x), cfg.chunk_rows)]
-    cal = det._calibration()
+    sc = det.score_config
     value_range = det.input_spec.value_range or (0.0, 1.0)
     steps: dict[str, Callable[[np.ndarray], object]] = {
         "forward": lambda c: det._model_parts(c, "elbo", 1),
@@ -147,9 +147,9 @@ def _in_memory(cfg: BatchBenchConfig, pixels: np.ndarray) -> dict[str, float]:
         "complexity": lambda c: complexity_nats(
             c,
             value_range,
-            cal.complexity_level,
-            cal.complexity_codec,
-            image_filter=cal.complexity_filter,
+            sc.complexity_level,
+            sc.complexity_codec,
+            image_filter=sc.complexity_filter,
             shape=det.input_spec.shape,
         ),
     }
