@@ -142,6 +142,15 @@ def test_dockerfile_promises() -> None:
     assert (
         "PROMETHEUS_MULTIPROC_DIR" in text and "ARG BASE_IMAGE" in text and "ARG MODEL_SRC" in text
     )
+    # Every package the project installs is in the image (the entry point lives in vae_anomaly).
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    for pattern in packages:
+        name = pattern.rstrip("*")
+        assert f"COPY {name} ./{name}" in text, f"the image lacks the {name} package"
     # The install step is the README's set-up (CPU torch pin), non-editable.
     assert "pip install -r requirements/cpu.txt ." in text
     readme = (ROOT / "README.md").read_text()
