@@ -336,3 +336,53 @@ def test_the_package_runs_as_a_module_and_exports_the_detector() -> None:
     )
     for command in ("train", "score", "serve", "benchmark", "evaluate", "report", "info"):
         assert command in done.stdout
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from vae_anomaly.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_readme_train_options_match_the_parser() -> None:
+    """The README's list of train options and defaults cannot go stale: it is read against
+    ``train --help``'s parser, option by option."""
+    import re
+
+    from detector.model import DEFAULT_WIDTHS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    para = readme.split("Main `train` options")[1].split("\n\n")[0]
+    listed = re.findall(r"`(--[a-z-]+) ([^`]+)`", para)
+    assert len(listed) >= 15
+    actions = {a.option_strings[-1]: a for a in _subparsers()["train"]._actions if a.option_strings}
+    for name, value in listed:
+        assert name in actions, f"README lists {name}, which train does not have"
+        action = actions[name]
+        alternatives = value.split("|")
+        default = action.default
+        if name == "--widths" and default == ():
+            default = DEFAULT_WIDTHS[actions["--arch"].default]
+        if isinstance(default, tuple):
+            assert alternatives[0] == ",".join(str(v) for v in default), name
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            assert float(alternatives[0]) == float(default), (
+                f"{name}: README {value}, parser {default}"
+            )
+        else:
+            assert alternatives[0] == str(default), f"{name}: README {value}, parser {default}"
+        if action.choices is not None:
+            assert set(alternatives) <= set(action.choices), name
+
+
+def test_readme_commands_exist() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = set(re.findall(r"`vae-anomaly ([a-z-]+)", readme))
+    assert {"train", "evaluate", "score", "serve", "benchmark", "report", "info"} <= commands
+    assert commands <= set(_subparsers()), commands - set(_subparsers())
