@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from detector.detector import Detector
+from detector.errors import DataError, InputError
 from serving import batch
-from serving.batch import BatchOptions, score_files
+from serving.batch import BatchOptions, readers, score_files
 from training.data import Dataset
 from training.pipeline import TrainOutcome
 from vae_anomaly.cli import main
@@ -109,14 +110,14 @@ def test_id_and_passthrough_columns_and_parquet_output(
     _expect(trained.detector, pixels[:50] / 16.0, out)
 
     # columns the options name must exist; the rest must be the model's features
-    with pytest.raises(batch.InputError, match="no column 'labels'"):
+    with pytest.raises(InputError, match="no column 'labels'"):
         score_files(
             trained.detector,
             [tmp_path / "in.csv"],
             tmp_path / "o2.csv",
             BatchOptions(scale=16, id_column="id", passthrough=("labels",)),
         )
-    with pytest.raises(batch.InputError, match=r"67 feature columns .* the model takes 64"):
+    with pytest.raises(InputError, match=r"67 feature columns .* the model takes 64"):
         score_files(trained.detector, [tmp_path / "in.csv"], tmp_path / "o3.csv")
     assert not (tmp_path / "o2.csv").exists() and not (tmp_path / "o3.csv").exists()
 
@@ -124,7 +125,7 @@ def test_id_and_passthrough_columns_and_parquet_output(
 def test_csv_read_in_small_blocks_keeps_rows_and_lines(
     trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(batch, "CSV_BLOCK_BYTES", 1000)  # ~5 lines per block, lines cut midway
+    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1000)  # ~5 lines per block, lines cut midway
     lines = [",".join(map(str, row)) for row in pixels[:40]]
     lines.insert(10, "")  # a blank line: skipped, and lines after it still counted right
     lines[30] = lines[30].replace("0", "x", 1) if "0" in lines[30] else "x" + lines[30][1:]
@@ -188,10 +189,10 @@ def test_bad_npy_rows_and_files(trained: TrainOutcome, tmp_path: Path) -> None:
     s = score_files(det, [tmp_path / "x.npy"], tmp_path / "o.csv", BatchOptions(on_error="skip"))
     assert s.rows == 29 and 7 not in set(pd.read_csv(tmp_path / "o.csv")["row"])
     np.save(tmp_path / "wide.npy", np.zeros((3, 10), np.float32))
-    with pytest.raises(batch.InputError, match=r"wide\.npy has 10 features"):
+    with pytest.raises(InputError, match=r"wide\.npy has 10 features"):
         score_files(det, [tmp_path / "wide.npy"], tmp_path / "o2.csv")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
-    with pytest.raises(batch.DataError, match=r"junk\.npy is not a readable \.npy array"):
+    with pytest.raises(DataError, match=r"junk\.npy is not a readable \.npy array"):
         score_files(det, [tmp_path / "junk.npy"], tmp_path / "o3.csv")
     assert not (tmp_path / "o2.csv").exists() and not (tmp_path / "o3.csv").exists()
 
@@ -277,7 +278,7 @@ def test_a_killed_run_leaves_no_output(trained: TrainOutcome, tmp_path: Path, si
 def test_ray_engine_scores_like_the_local_engine(
     trained: TrainOutcome, digits: Dataset, pixels: np.ndarray, tmp_path: Path
 ) -> None:
-    from serving.batch_ray import score_files_ray  # ray is a test dependency: never skipped
+    from serving.batch.ray_engine import score_files_ray  # ray is a test dependency: never skipped
 
     assert digits.y_test is not None
     bad = [",".join(map(str, r)) for r in pixels[:300]]
@@ -304,7 +305,7 @@ def test_ray_engine_scores_like_the_local_engine(
     score_files_ray(trained.path, files[1:], tmp_path / "ray.parquet", opts, actors=2, num_cpus=2)
     a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
     assert a.num_rows == 70_000 and a.equals(b)  # row for row, two NPY read tasks
-    with pytest.raises(batch.DataError, match=r"rows\.csv, line 101: expected 64 columns, got 3"):
+    with pytest.raises(DataError, match=r"rows\.csv, line 101: expected 64 columns, got 3"):
         score_files_ray(
             trained.path, files[:1], tmp_path / "r2.csv", BatchOptions(scale=16), num_cpus=2
         )

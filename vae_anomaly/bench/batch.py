@@ -167,14 +167,14 @@ def _in_memory(cfg: BatchBenchConfig, pixels: np.ndarray) -> dict[str, float]:
 
 def _parse_only(cfg: BatchBenchConfig, path: Path, scale: float) -> dict[str, float]:
     """Reading and checking the file's rows without scoring them: the parsing limit."""
-    from serving.batch import BatchOptions, _Rejects, read_blocks
+    from serving.batch import BatchOptions, Rejects, read_blocks
 
     det = Detector.load(cfg.model, device="cpu")
     opts = BatchOptions(scale=scale, chunk_rows=cfg.chunk_rows)
     best = 0.0
     for _ in range(cfg.repeats):
         t0 = time.perf_counter()
-        blocks = read_blocks(path, det.input_spec, opts, _Rejects("stop", None))
+        blocks = read_blocks(path, det.input_spec, opts, Rejects("stop", None))
         rows = sum(len(b.rows) for b in blocks)
         best = max(best, rows / (time.perf_counter() - t0))
     return {"rows": float(rows), "rows_per_second": best}

@@ -111,7 +111,7 @@ def run_score(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     progress = False if args.no_progress else None
     if args.engine == "ray":
-        from serving.batch_ray import score_files_ray
+        from serving.batch.ray_engine import score_files_ray
 
         summary = score_files_ray(
             args.model,

@@ -34,8 +34,8 @@ from detector.errors import ConfigError, VAEAnomalyError
 from serving.batch import (
     BatchOptions,
     Block,
+    Rejects,
     Summary,
-    _Rejects,
     read_blocks,
     score_block,
     score_files,
@@ -72,7 +72,7 @@ def _plan(files: list[Path]) -> list[dict[str, Any]]:
     return tasks
 
 
-class _Collect(_Rejects):
+class _Collect(Rejects):
     """In a read task: rejected rows (skip mode) go to the driver's collector actor."""
 
     def __init__(self, on_error: str) -> None:
@@ -118,14 +118,14 @@ def _read(
     import ray
 
     from detector.spec import InputSpec
-    from serving.batch import _read_npy
+    from serving.batch import read_npy
 
     input_spec, options = InputSpec.from_dict(spec), BatchOptions(**opts)
     for path, start, stop in zip(batch["path"], batch["start"], batch["stop"], strict=True):
         rejects = _Collect(options.on_error)
         p = Path(str(path))
         if int(start) >= 0:  # a row range of an NPY file
-            blocks = _read_npy(p, input_spec, options, rejects, start=int(start), stop=int(stop))
+            blocks = read_npy(p, input_spec, options, rejects, start=int(start), stop=int(stop))
         else:
             blocks = read_blocks(p, input_spec, options, rejects)
         for block in blocks:
@@ -247,7 +247,7 @@ def score_files_ray(
             num_gpus=1 if device.startswith("cuda") else 0,
         )
 
-        def tables(_files: list[Path], rejects: _Rejects) -> Iterator[pa.Table]:
+        def tables(_files: list[Path], rejects: Rejects) -> Iterator[pa.Table]:
             try:
                 for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     if t.num_rows:

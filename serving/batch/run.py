@@ -1,0 +1,156 @@
+"""``score_files``: the run loop (read, score, write, summarise), atomic from start to end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from detector._io import atomic_output, write_json
+from detector.detector import Detector
+from serving.batch.files import check_output, side_files
+from serving.batch.options import BatchOptions, Block, Summary
+from serving.batch.readers import Rejects, read_blocks
+from serving.batch.writer import Writer, score_block
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _progress(total: int | None, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    disable = (not enabled) if enabled is not None else (None if not os.environ.get("CI") else True)
+    return tqdm(
+        total=total,
+        unit="rows",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=disable,
+        desc="scoring",
+        smoothing=0.1,
+    )
+
+
+def _known_rows(path: Path) -> int | None:
+    """Rows of a file for the progress bar's ETA: exact for NPY and Parquet, estimated for CSV
+    from the length of its first lines."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+        if suffix == ".parquet":
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        lines = head.count(b"\n")
+        size = path.stat().st_size
+        return max(1, round(size * lines / len(head)) - 1) if lines else 1
+    except Exception:  # the reader reports unreadable files properly
+        return None
+
+
+def score_files(
+    detector: Detector,
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    options: BatchOptions | None = None,
+    *,
+    progress: bool | None = None,
+    blocks: Callable[[list[Path], Rejects], Iterator[pa.Table]] | None = None,
+    engine: str = "local",
+) -> Summary:
+    """Score every row of ``inputs`` into ``output`` (.csv or .parquet); returns the summary.
+
+    ``progress``: None = a bar on a terminal only (never when ``CI`` is set). ``blocks`` replaces
+    the local read-and-score loop (the Ray engine passes its own); it yields output tables.
+    """
+    opts = options or BatchOptions()
+    opts.validate()
+    detector.require_calibration()
+    files = [Path(p) for p in inputs]
+    out = Path(output)
+    check_output(out, opts.overwrite)
+    rejects_path, summary_path = side_files(out)
+    t0 = time.perf_counter()
+    totals = [_known_rows(f) for f in files]
+    total = sum(t for t in totals if t is not None) if all(t is not None for t in totals) else None
+    rows = anomalies = 0
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(atomic_output(out))
+        rsink = (
+            stack.enter_context(atomic_output(rejects_path, "w"))
+            if opts.on_error == "skip"
+            else None
+        )
+        rejects = Rejects(opts.on_error, rsink)
+        writer = Writer(sink, out.suffix.lower())
+        bar = stack.enter_context(_progress(total, progress))
+        tables = (
+            blocks(files, rejects) if blocks is not None else _local(detector, files, opts, rejects)
+        )
+        for table in tables:
+            writer.write(table)
+            n = table.num_rows
+            rows += n
+            anomalies += int(pc.sum(table.column("is_anomaly")).as_py() or 0)
+            bar.update(n)
+        bar.total = bar.n  # the CSV row count was an estimate: end at 100 %
+        bar.refresh()
+        if writer.schema is None:  # no row at all: still a valid, empty output with a header
+            writer.write(
+                score_block(
+                    detector,
+                    Block(
+                        str(files[0]),
+                        np.zeros(0, np.int64),
+                        np.zeros((0, detector.input_spec.n_features), np.float32),
+                    ),
+                )
+            )
+        writer.close()
+        seconds = time.perf_counter() - t0
+        cal = detector.require_calibration()
+        summary = Summary(
+            inputs=[str(f) for f in files],
+            output=str(out),
+            rows=rows,
+            rejected=rejects.count,
+            anomalies=anomalies,
+            anomaly_rate=anomalies / rows if rows else 0.0,
+            target_fpr=cal.target_fpr,
+            threshold=cal.threshold,
+            model_version=detector.model_version,
+            seconds=seconds,
+            rows_per_second=rows / seconds if seconds > 0 else 0.0,
+            peak_rss_mb=peak_rss_mb(),
+            rejects_file=str(rejects_path) if opts.on_error == "skip" else None,
+            engine=engine,
+        )
+    write_json(summary_path, asdict(summary))  # once the output is in place
+    return summary
+
+
+def _local(
+    detector: Detector, files: list[Path], opts: BatchOptions, rejects: Rejects
+) -> Iterator[pa.Table]:
+    # Reading the next chunk in a thread while this one is scored was measured and dropped: on two
+    # cores torch and pyarrow already use both, and it cost 5-10 % of the CSV rate and 100 MB.
+    for f in files:
+        for block in read_blocks(f, detector.input_spec, opts, rejects):
+            if len(block.rows):
+                yield score_block(detector, block)

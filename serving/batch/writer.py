@@ -1,0 +1,72 @@
+"""Scored blocks to output rows, appended to one CSV or Parquet file."""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from detector.detector import DetectionResult, Detector
+from detector.errors import DataError
+from serving.batch.options import RESULT_COLUMNS, Block
+
+
+# -- scoring and writing ------------------------------------------------------------------------
+def score_block(detector: Detector, block: Block) -> pa.Table:
+    """The output rows of one block: source, row, id / pass-through columns, score parts."""
+    cal = detector.require_calibration()
+    n = len(block.rows)
+    if n:
+        parts = detector.score_validated(block.x.reshape(n, *detector.input_spec.shape))
+        result = DetectionResult.from_parts(parts, cal).columns()
+    else:
+        result = {
+            k: np.zeros(0, dtype=bool if k == "is_anomaly" else np.float64) for k in RESULT_COLUMNS
+        }
+    columns: dict[str, Any] = {
+        "source": pa.array([block.source] * n, pa.string()),
+        "row": pa.array(block.rows, pa.int64()),
+        **block.extra,
+        **{k: pa.array(v) for k, v in result.items()},
+    }
+    return pa.table(columns)
+
+
+class Writer:
+    """Appends tables to a CSV or Parquet file object, fixing the schema at the first table."""
+
+    def __init__(self, sink: IO[bytes], kind: str) -> None:
+        self.sink, self.kind = sink, kind
+        self.schema: pa.Schema | None = None
+        self._w: Any = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+            if self.kind == ".parquet":
+                self._w = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
+            else:
+                self._w = pacsv.CSVWriter(self.sink, self.schema)
+        elif table.schema != self.schema:
+            if table.schema.names != self.schema.names:
+                extra = [n for n in table.schema.names if n not in RESULT_COLUMNS][2:]
+                first = [n for n in self.schema.names if n not in RESULT_COLUMNS][2:]
+                raise DataError(
+                    f"{table.column('source')[0]}: id / pass-through columns {extra} differ from "
+                    f"the first file's {first}; score files of one layout per run"
+                )
+            try:
+                table = table.cast(self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+                raise DataError(
+                    f"the id / pass-through columns of {table.column('source')[0]} do not match the "
+                    f"first file's types ({e})"
+                ) from e
+        self._w.write_table(table)
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
