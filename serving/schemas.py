@@ -1,6 +1,6 @@
 """The OpenAPI description of ``POST /score``.
 
-The route is a plain ASGI endpoint (``serving.app.ScoreEndpoint``), outside FastAPI's router, so
+The route is a plain ASGI endpoint (``serving.app.score.ScoreEndpoint``), outside FastAPI's router, so
 FastAPI cannot derive its schema from a function signature; it is written here and merged into
 the app's OpenAPI document, so ``/docs`` shows it like every other route.
 """

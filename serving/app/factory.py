@@ -1,0 +1,247 @@
+"""``create_app(settings)``: the FastAPI app around one model artifact, its routes, dependencies
+and lifespan; ``create_app_from_env`` for uvicorn's ``--factory``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from detector.detector import Detector
+from detector.errors import ArtifactError, VAEAnomalyError
+from serving.app.asgi import (
+    check_api_key,
+    error_body,
+    error_response,
+    internal_error_body,
+)
+from serving.app.holder import ModelHolder
+from serving.app.middleware import BodySizeLimit, Observability
+from serving.app.score import ScoreEndpoint
+from serving.batcher import MicroBatcher
+from serving.errors import (
+    BadRequest,
+    NotFound,
+)
+from serving.metrics import Metrics
+from serving.schemas import document_score_route
+from serving.settings import Settings
+
+
+# -- dependencies ---------------------------------------------------------------------------------
+# Both are ``async def`` on purpose: FastAPI hands a plain ``def`` dependency to a worker thread,
+# and these two do no I/O, so the event loop runs them directly.
+async def require_key(request: Request) -> None:
+    check_api_key(request.app.state.settings, request.headers.get("x-api-key"))
+
+
+async def current_detector(request: Request) -> Detector:
+    holder: ModelHolder = request.app.state.holder
+    return holder.current()
+
+
+Auth = Annotated[None, Depends(require_key)]
+CurrentDetector = Annotated[Detector, Depends(current_detector)]
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(
+    settings: Settings | None = None,
+    *,
+    detector: Detector | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the service. ``detector`` serves an in-memory model (tests); otherwise the artifact at
+    ``settings.model_dir`` is loaded and verified at start-up (``/readyz`` is 503 until then)."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics(registry)
+    holder = ModelHolder(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.threads)
+        supervised = detector is None and bool(settings.model_dir) and settings.workers > 1
+        if supervised:
+            # One of several workers: it starts serving only once its model is loaded, and a
+            # model that fails to load fails its start-up. uvicorn's rolling restart on SIGHUP
+            # waits for each new worker to be ready before retiring an old one, so a new artifact
+            # is in service before the old model leaves, and a bad one aborts the restart while
+            # the old workers keep serving.
+            await holder.load(settings.model_dir)
+        batcher = MicroBatcher(
+            holder.current,
+            max_batch_size=settings.max_batch_size,
+            max_wait=settings.max_wait_ms / 1000.0,
+            on_batch=_on_batch,
+            threads=settings.threads,
+        )
+        batcher.start()
+        app.state.batcher = batcher
+        loader: asyncio.Task[Any] | None = None
+        if detector is not None:
+            holder.install(detector)
+        elif settings.model_dir and not supervised:
+            loader = asyncio.create_task(_initial_load())
+        else:
+            holder.error = "no model configured: set VAE_ANOMALY_MODEL_DIR or pass --model"
+        _install_sighup()
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            await batcher.stop()
+            metrics.process_exiting()
+
+    async def _initial_load() -> None:
+        with contextlib.suppress(VAEAnomalyError):
+            await holder.load(settings.model_dir)
+
+    def _install_sighup() -> None:
+        def reload() -> None:
+            task = asyncio.get_running_loop().create_task(holder.load(settings.model_dir))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+    def _on_batch(rows: int, seconds: float) -> None:
+        metrics.batch_size.observe(rows)
+        metrics.inference_latency.observe(seconds)
+
+    app = FastAPI(
+        title="vae-anomaly",
+        summary="Anomaly scores from a Variational Autoencoder: -ELBO, higher = more anomalous.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.holder = holder
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    # -- errors: the one mapping from exceptions to HTTP ------------------------------------------
+    def _rid(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None) or request.scope.get("state", {}).get(
+            "request_id"
+        )
+
+    def _error(request: Request, status: int, code: str, detail: Any) -> JSONResponse:
+        return JSONResponse(error_body(code, detail, _rid(request)), status_code=status)
+
+    @app.exception_handler(VAEAnomalyError)
+    async def _domain_error(request: Request, exc: VAEAnomalyError) -> JSONResponse:
+        status, body = error_response(exc, _rid(request))
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _param_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        ]
+        return _error(request, 422, "invalid_parameter", "; ".join(errs))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(request, exc.status_code, code, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(internal_error_body(_rid(request)), status_code=500)
+
+    # -- routes ----------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="A verified model is loaded (503 before)")
+    async def readyz() -> JSONResponse:
+        if holder.detector is None:
+            return JSONResponse(
+                {"status": "not_ready", "detail": holder.error or "the model is still loading"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "model_version": holder.detector.model_version})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    @app.get(
+        "/metadata", tags=["model"], summary="Model version, input spec, threshold, provenance"
+    )
+    async def metadata(_: Auth, det: CurrentDetector) -> dict[str, Any]:
+        d = det.describe()
+        d["serving"] = {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_instances": settings.max_instances,
+            "max_body_bytes": settings.max_body_bytes,
+            "torch_threads": torch.get_num_threads(),
+            "out_of_range": "rejected with 422 unless clip=true",
+        }
+        return d
+
+    @app.post(
+        "/admin/reload", tags=["operations"], summary="Load and verify an artifact, then swap it in"
+    )
+    async def reload_model(request: Request, _: Auth) -> dict[str, Any]:
+        if not settings.enable_admin:
+            raise NotFound("the admin endpoint is disabled (set VAE_ANOMALY_ENABLE_ADMIN=true)")
+        body = await request.body()
+        path = settings.model_dir
+        if body:
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"malformed JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise BadRequest('body must be a JSON object like {"model_dir": "/path"}')
+            path = str(doc.get("model_dir") or path)
+        if not path:
+            raise BadRequest('no model_dir: send {"model_dir": "/path/to/artifact"}')
+        previous = holder.detector.model_version if holder.detector else None
+        try:
+            det = await holder.load(path)
+        except ArtifactError as e:
+            raise ArtifactError(f"reload refused, still serving {previous}: {e}") from e
+        return {
+            "status": "reloaded",
+            "model_version": det.model_version,
+            "previous_version": previous,
+        }
+
+    document_score_route(app)
+
+    # Middleware, innermost first: POST /score answered before FastAPI's router; the body limit
+    # around it (its 413 is raised while the body streams in); observability outermost so every
+    # response, 413s included, is counted and logged.
+    app.add_middleware(ScoreEndpoint, state=app.state)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Observability, metrics=metrics, access=settings.access_log)
+    return app
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vae-anomaly")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory serving.app:create_app_from_env`` (one per worker)."""
+    return create_app(Settings.from_env())
