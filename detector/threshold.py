@@ -28,6 +28,7 @@ from detector.neighbours import MAX_REFERENCE_ROWS
 from detector.score import ScoreConfig
 
 FloatArray = npt.NDArray[np.float64]
+DEFAULT_TARGET_FPR = 0.01  # the false-alarm rate a threshold aims at unless told otherwise
 
 
 def validate_fpr(fpr: float, n_calibration: int) -> None:
@@ -115,7 +116,7 @@ class Calibration:
     def fit(
         cls,
         calibration_scores: npt.ArrayLike,
-        target_fpr: float = 0.01,
+        target_fpr: float = DEFAULT_TARGET_FPR,
         *,
         score_config: ScoreConfig | None = None,
         protocol: str = "split",

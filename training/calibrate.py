@@ -13,9 +13,8 @@ from detector.model import VAE
 from detector.neighbours import fit_weight
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
-from detector.threshold import Calibration, validate_fpr
+from detector.threshold import DEFAULT_TARGET_FPR, Calibration, validate_fpr
 
-DEFAULT_TARGET_FPR = 0.01
 # The complexity credit stops at this quantile of the validation normals' complexity (0.5: the
 # median); docs/experiments.md, "The complexity credit, capped".
 DEFAULT_COMPLEXITY_CAP_QUANTILE = 0.5
