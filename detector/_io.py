@@ -7,6 +7,7 @@ no temporary file behind, because the rename is the only step that makes the out
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -93,3 +94,12 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_output(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

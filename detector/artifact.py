@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from detector._io import OutputExistsError, atomic_directory, write_json
+from detector._io import OutputExistsError, atomic_directory, sha256_file, write_json
 from detector.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -245,14 +245,6 @@ def listed_files(path: str | os.PathLike[str]) -> list[str]:
         if Path(name).name != name:
             raise ArtifactIntegrityError(f"{root / MANIFEST}: file name {name!r} is not allowed")
     return sorted(files)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_entry(path: Path) -> dict[str, Any]:

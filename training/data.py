@@ -13,7 +13,6 @@ every other class anomalous.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from detector._io import sha256_file
 from detector.errors import DataError
 from training.idx import (  # noqa: F401  (re-exported: the data API in one place)
     ENV_DATA_DIR,
@@ -255,19 +255,11 @@ def load_dataset(
             x_train=x,
             y_train=None,
             preprocessing="none: features used as given",
-            provenance={"dataset": "file", "source": str(p.resolve()), "sha256": _sha256(p)},
+            provenance={"dataset": "file", "source": str(p.resolve()), "sha256": sha256_file(p)},
         )
     raise DataError(
         f"unknown data set {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a .npy / .csv file"
     )
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- splits --------------------------------------------------------------------------------------
