@@ -100,25 +100,61 @@ def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np
     check_batch_shape(arr.shape, spec, name)
     n = arr.shape[0]
     out = np.ascontiguousarray(arr.reshape(n, *spec.shape), dtype=np.float32)
-    finite = np.isfinite(out.reshape(n, -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    flat = out.reshape(n, -1)
+    screen = screen_rows(flat, spec)
+    if screen.nonfinite.any():
+        bad = np.flatnonzero(screen.nonfinite)
         raise InputError(
             f"{name} contains NaN or infinite values in {bad.size} sample(s), first at index "
             f"{int(bad[0])}"
         )
-    if spec.value_range is not None:
+    if screen.outside.any():
+        assert spec.value_range is not None
         lo, hi = spec.value_range
-        flat = out.reshape(n, -1)
-        outside = (flat < lo - RANGE_TOLERANCE).any(axis=1) | (flat > hi + RANGE_TOLERANCE).any(
-            axis=1
+        i = int(np.flatnonzero(screen.outside)[0])
+        hint = " (8-bit pixels? divide by 255)" if hi <= 1.0 and out.max() > 1.0 else ""
+        raise InputError(
+            f"{name} has values outside the model's input range [{lo:g}, {hi:g}] in "
+            f"{int(screen.outside.sum())} sample(s), first at index {i} "
+            f"(min {float(flat[i].min()):g}, max {float(flat[i].max()):g}){hint}"
         )
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            hint = " (8-bit pixels? divide by 255)" if hi <= 1.0 and out.max() > 1.0 else ""
-            raise InputError(
-                f"{name} has values outside the model's input range [{lo:g}, {hi:g}] in "
-                f"{int(outside.sum())} sample(s), first at index {i} "
-                f"(min {float(flat[i].min()):g}, max {float(flat[i].max()):g}){hint}"
-            )
     return out
+
+
+@dataclass(frozen=True)
+class RowScreen:
+    """Which rows of a (N, features) batch the model cannot score, and why: the one row check
+    that the facade, the service and batch scoring share."""
+
+    nonfinite: npt.NDArray[np.bool_]  # a NaN or an infinity somewhere in the row
+    outside: npt.NDArray[np.bool_]  # finite, but outside the model's input range
+
+    @property
+    def bad(self) -> npt.NDArray[np.bool_]:
+        return self.nonfinite | self.outside
+
+    def reason(self, x: npt.NDArray[np.float32], i: int, spec: InputSpec, hint: str = "") -> str:
+        """Why row ``i`` of ``x`` was refused, in words."""
+        row = x[i]
+        if self.nonfinite[i]:
+            j = int(np.flatnonzero(~np.isfinite(row))[0])
+            v = float(row[j])
+            what = "NaN" if math.isnan(v) else ("infinity" if v > 0 else "-infinity")
+            return f"{what} in feature {j}"
+        assert spec.value_range is not None
+        lo, hi = spec.value_range
+        return (
+            f"values outside the model's input range [{lo:g}, {hi:g}] (min {float(row.min()):g}, "
+            f"max {float(row.max()):g}){hint}"
+        )
+
+
+def screen_rows(x: npt.NDArray[np.float32], spec: InputSpec) -> RowScreen:
+    """Screen the rows of ``x`` (N, features) against ``spec``'s value range."""
+    nonfinite = np.asarray(~np.isfinite(x).all(axis=1))
+    if spec.value_range is None:
+        return RowScreen(nonfinite, np.zeros_like(nonfinite))
+    lo, hi = spec.value_range
+    with np.errstate(invalid="ignore"):
+        outside = ((x < lo - RANGE_TOLERANCE) | (x > hi + RANGE_TOLERANCE)).any(axis=1)
+    return RowScreen(nonfinite, np.asarray(outside & ~nonfinite))

@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from detector.errors import DataError, InputError
-from detector.spec import RANGE_TOLERANCE, InputSpec, check_batch_shape
+from detector.spec import InputSpec, check_batch_shape, screen_rows
 from serving.batch.options import CSV_BLOCK_BYTES, BatchOptions, Block, RowError
 
 log = logging.getLogger(__name__)
@@ -29,36 +29,19 @@ def _bad_rows(
     x: npt.NDArray[np.float32], spec: InputSpec, scale: float = 1.0
 ) -> tuple[npt.NDArray[np.bool_], list[str]]:
     """Rows that are not finite or lie outside the model's input range, and why."""
-    finite = np.isfinite(x)
-    bad: npt.NDArray[np.bool_] = np.asarray(~finite.all(axis=1))
-    if spec.value_range is not None:
-        lo, hi = spec.value_range
-        with np.errstate(invalid="ignore"):
-            outside = ((x < lo - RANGE_TOLERANCE) | (x > hi + RANGE_TOLERANCE)).any(axis=1)
-        outside &= ~bad
-        bad |= outside
+    screen = screen_rows(x, spec)
     reasons = []
-    for i in np.flatnonzero(bad).tolist():
-        if not finite[i].all():
-            j = int(np.flatnonzero(~finite[i])[0])
-            reasons.append(f"{_value_name(x[i, j])} in feature {j}")
-        else:
-            lo, hi = spec.value_range  # type: ignore[misc]
-            v = x[i]
-            hint = (
-                " (8-bit values? pass --scale 255)"
-                if scale == 1.0 and hi <= 1.0 and v.max() > 1.0
-                else ""
-            )
-            reasons.append(
-                f"values outside the model's input range [{lo:g}, {hi:g}] (min {float(v.min()):g}, "
-                f"max {float(v.max()):g}){hint}"
-            )
-    return bad, reasons
-
-
-def _value_name(v: float) -> str:
-    return "NaN" if math.isnan(v) else ("infinity" if v > 0 else "-infinity")
+    for i in np.flatnonzero(screen.bad).tolist():
+        eight_bit = (
+            screen.outside[i]
+            and scale == 1.0
+            and spec.value_range is not None
+            and spec.value_range[1] <= 1.0
+            and x[i].max() > 1.0
+        )
+        hint = " (8-bit values? pass --scale 255)" if eight_bit else ""
+        reasons.append(screen.reason(x, i, spec, hint))
+    return screen.bad, reasons
 
 
 class Rejects:

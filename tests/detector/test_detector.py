@@ -90,3 +90,21 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU is available"):
             resolve_device("cuda")
+
+
+def test_one_row_screen_names_what_is_wrong_with_each_row() -> None:
+    from detector.spec import InputSpec, screen_rows
+
+    spec = InputSpec(shape=(3,), value_range=(0.0, 1.0))
+    x = np.array(
+        [[0.1, 0.2, 0.3], [0.1, np.nan, 0.3], [0.0, 2.0, 1.0], [-np.inf, 5.0, 0.0]], np.float32
+    )
+    screen = screen_rows(x, spec)
+    assert screen.bad.tolist() == [False, True, True, True]
+    assert screen.nonfinite.tolist() == [False, True, False, True]
+    assert screen.outside.tolist() == [False, False, True, False]  # non-finite wins
+    assert screen.reason(x, 1, spec) == "NaN in feature 1"
+    assert screen.reason(x, 3, spec) == "-infinity in feature 0"
+    assert screen.reason(x, 2, spec).startswith("values outside the model's input range [0, 1]")
+    unbounded = screen_rows(x, InputSpec(shape=(3,), value_range=None))
+    assert unbounded.bad.tolist() == [False, True, False, True]
