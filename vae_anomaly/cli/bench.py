@@ -262,7 +262,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_batch_benchmark(args: argparse.Namespace) -> int:
-    from serving.batch_bench import BatchBenchConfig, run
+    from vae_anomaly.bench.batch import BatchBenchConfig, run
 
     run(
         BatchBenchConfig(
@@ -281,7 +281,7 @@ def run_batch_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from serving.loadtest import HEADER, run_loadtest
+    from vae_anomaly.bench.loadtest import HEADER, run_loadtest
 
     from detector._io import write_json
 
