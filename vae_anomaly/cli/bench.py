@@ -176,7 +176,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from training.benchmark import BenchmarkConfig, run_benchmark
+    from vae_anomaly.bench.suites import BenchmarkConfig, run_benchmark
 
     from training.pipeline import CalibrationOptions
 
@@ -193,7 +193,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         neighbour_share=args.neighbour_share,
     )
     if args.suite == "small-data":
-        from training.benchmark import SmallDataConfig, run_small_data, small_data_markdown
+        from vae_anomaly.bench.suites import SmallDataConfig, run_small_data, small_data_markdown
 
         small = run_small_data(
             SmallDataConfig(
@@ -211,7 +211,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         echo(f"results in {args.out}/small_data.json, small_data.md")
         return 0
     if args.suite:
-        from training.benchmark import SuiteConfig, run_suite, suite_markdown
+        from vae_anomaly.bench.suites import SuiteConfig, run_suite, suite_markdown
 
         suite = run_suite(
             SuiteConfig(
@@ -242,7 +242,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
     )
     report = run_benchmark(cfg, args.out, echo=echo)
-    from training.benchmark import markdown
+    from vae_anomaly.bench.suites import markdown
 
     echo("")
     echo(markdown(report))
