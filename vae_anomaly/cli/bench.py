@@ -176,9 +176,8 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from vae_anomaly.bench.suites import BenchmarkConfig, run_benchmark
-
     from training.pipeline import CalibrationOptions
+    from vae_anomaly.bench.suites import BenchmarkConfig, run_benchmark
 
     classes, methods, train = (
         args.classes,
@@ -281,9 +280,8 @@ def run_batch_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from vae_anomaly.bench.loadtest import HEADER, run_loadtest
-
     from detector._io import write_json
+    from vae_anomaly.bench.loadtest import HEADER, run_loadtest
 
     server_args = ["--workers", str(args.workers)]
     if args.max_wait_ms is not None:
