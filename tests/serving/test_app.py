@@ -238,6 +238,32 @@ def test_out_of_range_rejected_or_clipped(client: TestClient) -> None:
             "must hold numbers only",
         ),
         (b"", 400, "bad_request", "empty body"),
+        # true / false are not numbers, even mixed with numbers (numpy would make them 1 and 0)
+        (
+            json.dumps({"instances": [[True] + [0.0] * 63]}).encode(),
+            422,
+            "invalid_input",
+            "numbers only (got true / false)",
+        ),
+        # nesting beyond the parser's depth, with or without a NaN literal (the second parser)
+        (b"[" * 100_000 + b"]" * 100_000, 400, "bad_request", "malformed JSON"),
+        (
+            b'{"instances": ' + b"[" * 5000 + b"0" + b"]" * 5000 + b"}",
+            400,
+            "bad_request",
+            "malformed JSON",
+        ),
+        (b'{"a":' * 50_000 + b"NaN" + b"}" * 50_000, 400, "bad_request", "malformed JSON"),
+        # nesting the parser accepts, but no array has
+        (
+            b'{"instances": ' + b"[" * 500 + b"0" + b"]" * 500 + b"}",
+            422,
+            "invalid_input",
+            "same shape",
+        ),
+        # an integer longer than any number type (and Python's int-string limit)
+        (b'{"instances": [[' + b"9" * 5000 + b"]]}", 400, "bad_request", "malformed JSON"),
+        (b'{"instances": [[NaN, ' + b"9" * 5000 + b"]]}", 400, "bad_request", "malformed JSON"),
     ],
 )
 def test_bad_json_bodies(
@@ -283,6 +309,28 @@ def test_bad_npy_bodies(client: TestClient) -> None:
         "invalid_input",
         "NaN",
     )
+
+
+def test_npy_headers_are_checked_before_anything_is_allocated(client: TestClient) -> None:
+    npy = {"content-type": "application/x-npy"}
+    for shape in ((10**12, 784), (10**8, 784), (3, 64)):
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        body = buf.getvalue() + b"\x00" * 64  # 64 bytes of data, whatever the header says
+        r = client.post("/score", content=body, headers=npy)
+        if shape[0] > 10_000:  # more instances than the limit: refused on the header alone
+            _error(r, 413, "payload_too_large", "instances in one request")
+        else:
+            _error(r, 400, "bad_request", "but the body holds 64 bytes of data")
+    # an .npz archive or anything else that is not one NPY array
+    archive = io.BytesIO()
+    np.savez(archive, x=np.zeros((2, 64), np.float32))
+    for body, detail in (
+        (archive.getvalue(), "a .npz archive? send one .npy array"),
+        (b"PK\x03\x04" + b"garbage" * 10, "does not start with the NPY magic"),
+    ):
+        _error(client.post("/score", content=body, headers=npy), 400, "bad_request", detail)
 
 
 def test_unsupported_content_type(client: TestClient) -> None:
