@@ -29,6 +29,11 @@ class Unauthorized(ServingError):
     code = "unauthorized"
 
 
+class Forbidden(ServingError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(ServingError):
     status_code = 404
     code = "not_found"

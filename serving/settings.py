@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from detector.errors import ConfigError
@@ -28,7 +29,10 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024  # request body limit (413 above)
     torch_threads: int = 0  # 0: the CPU quota divided among the workers
     api_key: str = ""  # if set, /score, /metadata and /admin need header X-API-Key
-    enable_admin: bool = False  # POST /admin/reload
+    enable_admin: bool = False  # POST /admin/reload (needs api_key)
+    # POST /admin/reload loads only artifacts inside this folder; "" = the folder that holds
+    # model_dir
+    model_root: str = ""
     device: str = "cpu"
     log_level: str = "info"
     access_log: bool = True
@@ -52,10 +56,24 @@ class Settings:
                 "and POST /admin/reload would reload only the one that answers it; reload "
                 "several workers with SIGHUP (a rolling restart) instead"
             )
+        if self.enable_admin and not self.api_key:
+            raise ConfigError(
+                "enable_admin needs an API key: set VAE_ANOMALY_API_KEY, so that not everyone "
+                "who can reach the port can swap the model"
+            )
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(
                 f"log_level must be one of critical, error, warning, info, debug, got {self.log_level!r}"
             )
+
+    @property
+    def reload_root(self) -> Path | None:
+        """The folder POST /admin/reload may load from, or None when none is configured."""
+        if self.model_root:
+            return Path(self.model_root).resolve()
+        if self.model_dir:
+            return Path(self.model_dir).resolve().parent
+        return None
 
     @property
     def threads(self) -> int:

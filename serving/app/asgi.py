@@ -3,6 +3,7 @@ bodies (every error is ``{"error", "detail", "request_id"}``), the API-key check
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import secrets
@@ -52,7 +53,10 @@ def internal_error_body(rid: str | None) -> dict[str, Any]:
 
 def check_api_key(settings: Settings, provided: str | None) -> None:
     """With an API key configured, the request must carry it in X-API-Key."""
-    if settings.api_key and provided != settings.api_key:
+    if settings.api_key and not hmac.compare_digest(
+        (provided or "").encode("utf-8", "surrogateescape"),
+        settings.api_key.encode("utf-8", "surrogateescape"),
+    ):
         raise Unauthorized("missing or wrong API key: send header X-API-Key")
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -31,6 +32,7 @@ from serving.app.score import ScoreEndpoint
 from serving.batcher import MicroBatcher
 from serving.errors import (
     BadRequest,
+    Forbidden,
     NotFound,
 )
 from serving.metrics import Metrics
@@ -211,6 +213,7 @@ def create_app(
             path = str(doc.get("model_dir") or path)
         if not path:
             raise BadRequest('no model_dir: send {"model_dir": "/path/to/artifact"}')
+        path = _inside_model_root(path, settings)
         previous = holder.detector.model_version if holder.detector else None
         try:
             det = await holder.load(path)
@@ -245,3 +248,23 @@ def _version() -> str:
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory serving.app:create_app_from_env`` (one per worker)."""
     return create_app(Settings.from_env())
+
+
+MAX_PATH_CHARS = 4096
+
+
+def _inside_model_root(path: str, settings: Settings) -> str:
+    """The artifact directory a reload asks for, if it lies inside the model root (symlinks
+    resolved); refused otherwise, without saying what exists on the server."""
+    if len(path) > MAX_PATH_CHARS or "\x00" in path:
+        raise BadRequest(f"model_dir must be a path of at most {MAX_PATH_CHARS} characters")
+    root = settings.reload_root
+    if root is None:
+        raise Forbidden("reloads need a model root: set VAE_ANOMALY_MODEL_ROOT")
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise BadRequest("model_dir is not a usable path") from None
+    if resolved == root or not resolved.is_relative_to(root):
+        raise Forbidden("model_dir must be an artifact directory inside the model root")
+    return str(resolved)

@@ -79,10 +79,13 @@ def test_reload_under_load_no_failed_request(trained: TrainOutcome, tmp_path: Pa
     versions: list[str] = []
     stop = threading.Event()
 
-    with LiveServer(trained.path, "--enable-admin") as srv:
+    root = os.path.commonpath([trained.path, tmp_path])
+    env = {"VAE_ANOMALY_API_KEY": "k", "VAE_ANOMALY_MODEL_ROOT": root}
+    key = {"x-api-key": "k"}
+    with LiveServer(trained.path, "--enable-admin", env=env) as srv:
 
         def hammer() -> None:
-            with httpx.Client(base_url=srv.url, timeout=10) as c:
+            with httpx.Client(base_url=srv.url, timeout=10, headers=key) as c:
                 while not stop.is_set():
                     r = c.post("/score", json={"instances": [[0.2] * 64]})
                     statuses.append(r.status_code)
@@ -93,17 +96,21 @@ def test_reload_under_load_no_failed_request(trained: TrainOutcome, tmp_path: Pa
         for t in threads:
             t.start()
         time.sleep(0.5)
-        r = httpx.post(srv.url + "/admin/reload", json={"model_dir": str(v2_dir)}, timeout=30)
+        r = httpx.post(
+            srv.url + "/admin/reload", json={"model_dir": str(v2_dir)}, timeout=30, headers=key
+        )
         assert r.status_code == 200, r.text
         v2 = r.json()["model_version"]
         time.sleep(0.5)
-        r = httpx.post(srv.url + "/admin/reload", json={"model_dir": str(bad_dir)}, timeout=30)
+        r = httpx.post(
+            srv.url + "/admin/reload", json={"model_dir": str(bad_dir)}, timeout=30, headers=key
+        )
         assert r.status_code == 409 and "calibration.json" in r.json()["detail"]
         time.sleep(0.5)
         stop.set()
         for t in threads:
             t.join()
-        assert httpx.get(srv.url + "/readyz").json()["model_version"] == v2
+        assert httpx.get(srv.url + "/readyz", headers=key).json()["model_version"] == v2
     assert statuses and set(statuses) == {200}, f"failed requests during reload: {set(statuses)}"
     assert versions[0] == det.model_version and versions[-1] == v2
     assert "model load from" in srv.log() and "failed" in srv.log()

@@ -39,13 +39,18 @@ def corrupt_artifact(trained: TrainOutcome, tmp_path: Path) -> Path:
     return out
 
 
+KEY = {"x-api-key": "k"}
+
+
 def test_reload_swaps_a_good_artifact_and_refuses_a_bad_one(
     make_client,
     trained: TrainOutcome,
     second_artifact: Path,
-    corrupt_artifact: Path,  # type: ignore[no-untyped-def]
+    corrupt_artifact: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    c: TestClient = make_client(enable_admin=True)
+    c: TestClient = make_client(enable_admin=True, api_key="k", model_root=str(tmp_path))
+    c.headers.update(KEY)
     x = {"instances": [[0.1] * 64]}
     v1 = trained.detector.model_version
     assert c.post("/score", json=x).json()["model_version"] == v1
@@ -76,14 +81,53 @@ def test_reload_swaps_a_good_artifact_and_refuses_a_bad_one(
 
 
 def test_reload_requires_the_api_key(make_client, second_artifact: Path) -> None:  # type: ignore[no-untyped-def]
-    c: TestClient = make_client(enable_admin=True, api_key="k")
+    c: TestClient = make_client(
+        enable_admin=True, api_key="k", model_root=str(second_artifact.parent)
+    )
     assert c.post("/admin/reload", json={"model_dir": str(second_artifact)}).status_code == 401
+    assert (
+        c.post(
+            "/admin/reload", json={"model_dir": str(second_artifact)}, headers={"x-api-key": "K"}
+        ).status_code
+        == 401
+    )
     assert (
         c.post(
             "/admin/reload", json={"model_dir": str(second_artifact)}, headers={"x-api-key": "k"}
         ).status_code
         == 200
     )
+
+
+def test_admin_needs_an_api_key() -> None:
+    from detector.errors import ConfigError
+    from serving.settings import Settings
+
+    with pytest.raises(ConfigError, match="enable_admin needs an API key"):
+        Settings(enable_admin=True)
+
+
+def test_reload_only_loads_inside_the_model_root(
+    make_client, second_artifact: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "models"
+    root.mkdir()
+    c: TestClient = make_client(enable_admin=True, api_key="k", model_root=str(root))
+    c.headers.update(KEY)
+    escape = root / "link"
+    escape.symlink_to(second_artifact)  # a symlink inside the root pointing out of it
+    for asked in ("/etc", str(second_artifact), str(escape), str(root / ".." / "v2"), str(root)):
+        r = c.post("/admin/reload", json={"model_dir": asked})
+        assert r.status_code == 403, (asked, r.text)
+        assert r.json()["detail"] == "model_dir must be an artifact directory inside the model root"
+    r = c.post("/admin/reload", json={"model_dir": "x" * 100_000})
+    assert r.status_code == 400 and "at most 4096 characters" in r.json()["detail"]
+    r = c.post("/admin/reload", json={"model_dir": str(root / "missing")})
+    assert r.status_code == 409  # inside the root: refused by the artifact check, still serving
+    shutil.copytree(second_artifact, root / "v2")
+    assert c.post("/admin/reload", json={"model_dir": str(root / "v2")}).status_code == 200
+    text = c.get("/metrics").text
+    assert 'vae_anomaly_model_reloads_total{result="failure"} 1.0' in text
 
 
 def test_batcher_gathers_concurrent_requests_and_keeps_results_apart(trained: TrainOutcome) -> None:

@@ -55,7 +55,15 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "--torch-threads", type=int, help="torch threads per worker (default: CPU quota / workers)"
     )
     sv.add_argument(
-        "--enable-admin", action="store_true", default=None, help="enable POST /admin/reload"
+        "--enable-admin",
+        action="store_true",
+        default=None,
+        help="enable POST /admin/reload (needs VAE_ANOMALY_API_KEY)",
+    )
+    sv.add_argument(
+        "--model-root",
+        help="POST /admin/reload loads only artifacts inside this folder (default: the folder "
+        "that holds --model)",
     )
     sv.add_argument("--device", help=f"cpu, cuda or auto (default {st.device})")
     sv.add_argument(
@@ -92,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         torch_threads=args.torch_threads,
         enable_admin=args.enable_admin,
+        model_root=args.model_root,
         device=args.device,
         log_level=args.log_level,
     )
