@@ -212,7 +212,8 @@ def load_array(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
 def _read_csv(p: Path) -> npt.NDArray[Any]:
     import pandas as pd
 
-    with open(p, encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark at the start is neither data nor part of a column name
+    with open(p, encoding="utf-8-sig", errors="replace") as f:
         first = f.readline().strip()
     if not first:
         raise DataError(f"{p} is empty")
@@ -223,7 +224,7 @@ def _read_csv(p: Path) -> npt.NDArray[Any]:
     except ValueError:
         header = 0
     try:
-        df = pd.read_csv(p, header=header)
+        df = pd.read_csv(p, header=header, encoding="utf-8-sig")
     except (ValueError, pd.errors.ParserError) as e:
         raise DataError(f"{p}: cannot parse CSV: {str(e).splitlines()[0]}") from e
     for col in df.columns:

@@ -3,6 +3,7 @@ every reader shares and the rejects file of ``on_error="skip"``."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -209,6 +210,8 @@ class _CSVReader:
     def blocks(self) -> Iterator[Block]:
         with open(self.path, "rb") as f:
             first = f.readline()
+            if first.startswith(codecs.BOM_UTF8):  # a byte-order mark is not data, nor a name
+                first = first[len(codecs.BOM_UTF8) :]
             line_no = 1
             while first and not first.strip():  # leading blank lines
                 first = f.readline()

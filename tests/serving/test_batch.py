@@ -311,3 +311,34 @@ def test_ray_engine_scores_like_the_local_engine(
         )
     assert not (tmp_path / "r2.csv").exists()
     assert pa is not None
+
+
+def test_a_byte_order_mark_is_neither_a_row_nor_a_name(
+    trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """A CSV saved by Excel starts with a UTF-8 byte-order mark: no row is lost to it, and no
+    column name carries it."""
+    det = trained.detector
+    bom = "\ufeff"
+    rows = [",".join(map(str, r)) for r in pixels[:40]]
+    (tmp_path / "plain.csv").write_text(bom + "\n".join(rows) + "\n", encoding="utf-8")
+    labelled = [f"{i % 10}," + r for i, r in enumerate(rows)]  # MNIST layout, no header
+    (tmp_path / "mnist.csv").write_text(bom + "\n".join(labelled) + "\n", encoding="utf-8")
+    names = ",".join(["label"] + [f"p{j}" for j in range(pixels.shape[1])])
+    (tmp_path / "named.csv").write_text(bom + names + "\n" + "\n".join(labelled) + "\n")
+    want = det.score(pixels[:40] / 16).score
+    for name, opts in (
+        ("plain", BatchOptions(scale=16)),
+        ("mnist", BatchOptions(scale=16)),
+        ("named", BatchOptions(scale=16, id_column="label")),
+    ):
+        s = score_files(det, [tmp_path / f"{name}.csv"], tmp_path / f"{name}-out.csv", opts)
+        out = pd.read_csv(tmp_path / f"{name}-out.csv")
+        assert s.rows == 40 and s.rejected == 0, name
+        assert out["row"].tolist() == list(range(40)), name
+        np.testing.assert_allclose(out["score"], want, rtol=1e-4, atol=1e-3)
+    assert pd.read_csv(tmp_path / "named-out.csv")["label"].tolist() == [i % 10 for i in range(40)]
+    # training reads the same file the same way
+    from training.data import load_array
+
+    assert load_array(tmp_path / "plain.csv").shape == (40, pixels.shape[1])
