@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
 REFERENCE_TENSOR = "latent_means"
 REQUIRED_FILES: tuple[str, ...] = (WEIGHTS, CONFIG, CALIBRATION, METRICS)
+KNOWN_FILES: frozenset[str] = frozenset((*REQUIRED_FILES, REFERENCE))
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
     for name in REQUIRED_FILES:
         if name not in files:
             raise ArtifactIntegrityError(f"{root / MANIFEST} does not list required file {name}")
+    for name in files:
+        if Path(name).name != name:  # the manifest names files inside the directory only
+            raise ArtifactIntegrityError(f"{root / MANIFEST}: file name {name!r} is not allowed")
+        if name not in KNOWN_FILES:
+            raise ArtifactIntegrityError(f"{root / MANIFEST} lists {name!r}, not an artifact file")
+    _check_directory(root, files)
     for name, entry in files.items():
         _verify_file(root, name, entry)
 
@@ -181,6 +189,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
             f"{root}: config.json or calibration.json is invalid: {e}"
         ) from e
     metrics = _read_json(root, METRICS)
+    if math.prod(input_spec.shape) != model_config.n_features:
+        raise ArtifactIntegrityError(
+            f"{root / CONFIG}: the input spec's shape {list(input_spec.shape)} does not fit the "
+            f"model's input {list(model_config.input_shape)}"
+        )
+    _check_weight_shapes(root / WEIGHTS, model_config)  # before the model allocates anything
 
     model = VAE(model_config)
     try:
@@ -189,6 +203,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactIntegrityError(f"{root / WEIGHTS} cannot be loaded: {first}") from e
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ArtifactIntegrityError(f"{root / WEIGHTS}: {bad[0]} holds NaN or infinity")
     model.to(device).eval()
     reference = None
     if calibration.n_reference:
@@ -208,6 +225,39 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         manifest=manifest,
         reference=reference.to(device) if reference is not None else None,
     )
+
+
+def _check_directory(root: Path, files: dict[str, Any]) -> None:
+    """Only the manifest and the files it lists, each a regular file, none a symlink."""
+    for entry in root.iterdir():
+        if entry.name != MANIFEST and entry.name not in files:
+            raise ArtifactIntegrityError(
+                f"{root} holds {entry.name!r}, which its manifest does not list"
+            )
+        if entry.is_symlink() or not entry.is_file():
+            raise ArtifactIntegrityError(f"{entry} must be a regular file, not a link or folder")
+
+
+def _check_weight_shapes(path: Path, config: VAEConfig) -> None:
+    """The weights file's tensor names and shapes, read from its header, against the network the
+    config describes (built on the meta device: no memory is allocated for it)."""
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in VAE(config).state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            found = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+    if found != expected:
+        diff = sorted(set(found) ^ set(expected)) or [
+            k for k in expected if found[k] != expected[k]
+        ]
+        k = diff[0]
+        raise ArtifactIntegrityError(
+            f"{path} does not fit the model config: tensor {k!r} is "
+            f"{found.get(k, 'missing')}, the config needs {expected.get(k, 'none')}"
+        )
 
 
 def _load_reference(path: Path, n: int, config: VAEConfig) -> torch.Tensor:

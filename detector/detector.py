@@ -18,7 +18,12 @@ import torch
 
 from detector import artifact as _artifact
 from detector.complexity import complexity_nats
-from detector.errors import ConfigError, InputError, NotCalibratedError
+from detector.errors import (
+    ArtifactIntegrityError,
+    ConfigError,
+    InputError,
+    NotCalibratedError,
+)
 from detector.model import VAE
 from detector.neighbours import DEFAULT_K, neighbour_distance
 from detector.score import ScoreConfig, ScoreParts, score_batch
@@ -172,7 +177,7 @@ class Detector:
         """Verify (checksums) and load an artifact directory."""
         dev = resolve_device(device)
         art = _artifact.load(path, device=dev)
-        return cls(
+        det = cls(
             art.model,
             art.calibration,
             art.input_spec,
@@ -187,6 +192,23 @@ class Detector:
             batch_size=batch_size,
             reference=art.reference,
         )
+        det._probe(art.path)
+        return det
+
+    def _probe(self, path: Any) -> None:
+        """Score two inputs from the middle of the input range: an artifact whose checksums
+        verify but whose numbers cannot score (NaN weights that slipped through, a broken
+        graph) is refused at load, not served."""
+        lo, hi = self.input_spec.value_range or (0.0, 0.0)
+        x = np.full((2, *self.input_spec.shape), (lo + hi) / 2, np.float32)
+        try:
+            parts = self.score_parts(x)
+        except (RuntimeError, ValueError) as e:
+            raise ArtifactIntegrityError(
+                f"{path}: the model cannot score a probe input: {e}"
+            ) from e
+        if not np.isfinite(parts["score"]).all():
+            raise ArtifactIntegrityError(f"{path}: the model scores a probe input as NaN")
 
     @property
     def threshold(self) -> float:

@@ -105,6 +105,12 @@ class Calibration:
 
     def __post_init__(self) -> None:
         _check_protocol(self.protocol)
+        if not self.scores:
+            raise ConfigError("a calibration needs at least one calibration score")
+        if not all(math.isfinite(s) for s in self.scores) or not math.isfinite(self.threshold):
+            raise ConfigError("calibration scores and threshold must be finite numbers")
+        if not 0 < self.target_fpr < 1:
+            raise ConfigError(f"target FPR must be between 0 and 1, got {self.target_fpr}")
         if not 0 <= self.n_reference <= MAX_REFERENCE_ROWS:
             raise ConfigError(
                 f"n_reference must be between 0 and {MAX_REFERENCE_ROWS}, got {self.n_reference}"

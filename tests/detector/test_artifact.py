@@ -4,6 +4,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,5 +184,105 @@ def test_reference_with_nan_or_unlisted_is_refused(
     m = json.loads((artifact_dir / "manifest.json").read_text())
     del m["files"][artifact.REFERENCE]
     (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactIntegrityError, match="which its manifest does not list"):
+        Detector.load(artifact_dir)  # the file is there, unlisted
+    (artifact_dir / artifact.REFERENCE).unlink()
     with pytest.raises(ArtifactIntegrityError, match=r"does not list reference\.safetensors"):
+        Detector.load(artifact_dir)  # the calibration needs it
+
+
+def _resign(artifact_dir: Path) -> None:
+    """Recompute every checksum in the manifest, as an attacker who edits files can."""
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    for name in m["files"]:
+        p = artifact_dir / name
+        m["files"][name] = {"sha256": artifact.sha256_file(p), "bytes": p.stat().st_size}
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_json(artifact_dir: Path, name: str, edit: Any) -> None:
+    p = artifact_dir / name
+    d = json.loads(p.read_text())
+    edit(d)
+    p.write_text(json.dumps(d))
+    _resign(artifact_dir)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # values that verify but cannot be right
+        (lambda c: c.update(scores=[], n_calibration=0), "at least one calibration score"),
+        (lambda c: c.update(threshold=float("nan")), "must be finite"),
+        (lambda c: c.update(target_fpr=1.5), "target FPR must be between 0 and 1"),
+    ],
+)
+def test_calibrations_that_verify_but_cannot_be_right_are_refused(
+    artifact_dir: Path, edit: Any, match: str
+) -> None:
+    _edit_json(artifact_dir, "calibration.json", edit)
+    with pytest.raises(ArtifactIntegrityError, match=match):
+        Detector.load(artifact_dir)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # memory bombs: refused from the weights' header, before the model allocates anything
+        (lambda c: c["model"].update(widths=[200_000, 200_000]), "does not fit the model config"),
+        (lambda c: c["model"].update(latent_dim=2_000_000_000), "does not fit the model config"),
+        (
+            lambda c: (
+                c["model"].update(input_shape=[1, 100_000, 100_000]),
+                c["input"].update(shape=[1, 100_000, 100_000]),
+            ),
+            "does not fit the model config",
+        ),
+        # the spec and the model disagree
+        (lambda c: c["input"].update(shape=[65]), "does not fit the model's input"),
+    ],
+)
+def test_configs_that_do_not_fit_the_weights_are_refused(
+    artifact_dir: Path, edit: Any, match: str
+) -> None:
+    _edit_json(artifact_dir, "config.json", edit)
+    with pytest.raises(ArtifactIntegrityError, match=match):
+        Detector.load(artifact_dir)
+
+
+def test_nan_weights_are_refused(artifact_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    p = artifact_dir / artifact.WEIGHTS
+    state = load_file(str(p))
+    first = sorted(state)[0]
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(p), metadata={"format": "pt"})
+    _resign(artifact_dir)
+    with pytest.raises(ArtifactIntegrityError, match="holds NaN or infinity"):
+        Detector.load(artifact_dir)
+
+
+def test_unlisted_files_links_and_folders_are_refused(artifact_dir: Path, tmp_path: Path) -> None:
+    (artifact_dir / "evil.pkl").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(
+        ArtifactIntegrityError, match=r"'evil\.pkl', which its manifest does not list"
+    ):
+        Detector.load(artifact_dir)
+    (artifact_dir / "evil.pkl").unlink()
+    # a listed file that is a symlink pointing outside the artifact
+    outside = tmp_path / "metrics.json"
+    (artifact_dir / "metrics.json").rename(outside)
+    (artifact_dir / "metrics.json").symlink_to(outside)
+    with pytest.raises(ArtifactIntegrityError, match="must be a regular file, not a link"):
+        Detector.load(artifact_dir)
+    (artifact_dir / "metrics.json").unlink()
+    outside.rename(artifact_dir / "metrics.json")
+    Detector.load(artifact_dir)  # whole again
+    # a manifest that lists a file no artifact has
+    (artifact_dir / "notes.txt").write_text("hello")
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    m["files"]["notes.txt"] = {"sha256": artifact.sha256_file(artifact_dir / "notes.txt")}
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactIntegrityError, match=r"lists 'notes\.txt', not an artifact file"):
         Detector.load(artifact_dir)
