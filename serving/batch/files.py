@@ -44,7 +44,8 @@ def side_files(output: Path) -> tuple[Path, Path]:
 def check_output(output: Path, overwrite: bool) -> None:
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"{output}: unsupported output type; use .csv or .parquet")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} already exists; pass --overwrite to replace it")
+    for path in (output, *side_files(output)):
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} already exists; pass --overwrite to replace it")
     if output.exists() and output.is_dir():
         raise InputError(f"{output} is a directory")

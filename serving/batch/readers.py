@@ -102,6 +102,11 @@ def read_npy(
 ) -> Iterator[Block]:
     """Rows ``start:stop`` of an NPY file, in chunks read with plain reads (not a memory map,
     whose touched pages would count as the process's resident memory)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        hint = " (a .npz archive? save one array with numpy.save)" if magic[:2] == b"PK" else ""
+        raise DataError(f"{path} is not a .npy array: it does not start with the NPY magic{hint}")
     try:  # a memory map only to read the header: shape, dtype, layout and data offset
         header = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -288,6 +293,8 @@ class _CSVReader:
             return None
         if table.num_rows != nonblank:
             return None
+        if any(pa.types.is_binary(t) for t in table.schema.types):  # text that is not UTF-8
+            return None
         feats = [table.column(c) for c in self.cols.features]
         if any(col.null_count for col in feats):
             return None
@@ -315,7 +322,7 @@ class _CSVReader:
         rows: list[int] = []
         extras: dict[str, list[str]] = {c: [] for c in self.cols.extra}
         row = first_row
-        lines = text.decode("utf-8", errors="replace").splitlines()
+        lines = _decode_lines(text)
         for k, line in enumerate(lines):
             if not line.strip():
                 continue
@@ -372,6 +379,21 @@ def _is_number(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _decode_lines(text: bytes) -> list[str]:
+    """Lines of CSV text: UTF-8, and a line that is not valid UTF-8 read as Latin-1 (every byte
+    is a character there), so an id or a label in a legacy encoding is kept, not mangled."""
+    try:
+        return text.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        out = []
+        for raw in text.splitlines():
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw.decode("latin-1"))
+        return out
 
 
 def _infer(values: list[str]) -> pa.DataType:

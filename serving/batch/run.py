@@ -99,12 +99,13 @@ def score_files(
         )
         rejects = Rejects(opts.on_error, rsink)
         writer = Writer(sink, out.suffix.lower())
+        stack.callback(writer.abandon)  # unwinds before the sink: nothing writes a closed file
         bar = stack.enter_context(_progress(total, progress))
         tables = (
             blocks(files, rejects) if blocks is not None else _local(detector, files, opts, rejects)
         )
         for table in tables:
-            writer.write(table)
+            _write(writer, table, out)
             n = table.num_rows
             rows += n
             anomalies += int(pc.sum(table.column("is_anomaly")).as_py() or 0)
@@ -122,7 +123,7 @@ def score_files(
                     ),
                 )
             )
-        writer.close()
+        _write(writer, None, out)
         seconds = time.perf_counter() - t0
         cal = detector.require_calibration()
         summary = Summary(
@@ -154,3 +155,17 @@ def _local(
         for block in read_blocks(f, detector.input_spec, opts, rejects):
             if len(block.rows):
                 yield score_block(detector, block)
+
+
+def _write(writer: Writer, table: pa.Table | None, out: Path) -> None:
+    """Write a table (None: finish the file); an OS error that names no file (a full disk:
+    "[Errno 28] No space left on device") is made to name the output."""
+    try:
+        if table is None:
+            writer.close()
+        else:
+            writer.write(table)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from e
+        raise

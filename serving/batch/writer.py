@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import IO, Any
 
 import numpy as np
@@ -69,4 +70,13 @@ class Writer:
 
     def close(self) -> None:
         if self._w is not None:
-            self._w.close()
+            w, self._w = self._w, None
+            w.close()
+
+    def abandon(self) -> None:
+        """After a failed run: let go of the format writer before its file is closed and
+        removed, so it does not try to finish the file later (at garbage collection)."""
+        if self._w is not None:
+            w, self._w = self._w, None
+            with contextlib.suppress(Exception):
+                w.close()

@@ -192,7 +192,9 @@ def test_bad_npy_rows_and_files(trained: TrainOutcome, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"wide\.npy has 10 features"):
         score_files(det, [tmp_path / "wide.npy"], tmp_path / "o2.csv")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
-    with pytest.raises(DataError, match=r"junk\.npy is not a readable \.npy array"):
+    with pytest.raises(
+        DataError, match=r"junk\.npy is not a \.npy array: it does not start with the NPY magic"
+    ):
         score_files(det, [tmp_path / "junk.npy"], tmp_path / "o3.csv")
     assert not (tmp_path / "o2.csv").exists() and not (tmp_path / "o3.csv").exists()
 
@@ -301,9 +303,9 @@ def test_ray_engine_scores_like_the_local_engine(
     assert local.rows == ray_s.rows == 300 and ray_s.rejected == 1 and ray_s.engine == "ray"
 
     opts = BatchOptions()
-    score_files(trained.detector, files[1:], tmp_path / "local.parquet", opts)
-    score_files_ray(trained.path, files[1:], tmp_path / "ray.parquet", opts, actors=2, num_cpus=2)
-    a, b = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")
+    score_files(trained.detector, files[1:], tmp_path / "local2.parquet", opts)
+    score_files_ray(trained.path, files[1:], tmp_path / "ray2.parquet", opts, actors=2, num_cpus=2)
+    a, b = pq.read_table(tmp_path / "local2.parquet"), pq.read_table(tmp_path / "ray2.parquet")
     assert a.num_rows == 70_000 and a.equals(b)  # row for row, two NPY read tasks
     with pytest.raises(DataError, match=r"rows\.csv, line 101: expected 64 columns, got 3"):
         score_files_ray(
@@ -342,3 +344,64 @@ def test_a_byte_order_mark_is_neither_a_row_nor_a_name(
     from training.data import load_array
 
     assert load_array(tmp_path / "plain.csv").shape == (40, pixels.shape[1])
+
+
+def test_bad_files_and_encodings_give_one_line_and_lose_nothing(
+    trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    det = trained.detector
+    x = (pixels[:20] / 16).astype(np.float32)
+    np.save(tmp_path / "good.npy", x)
+    with open(tmp_path / "archive.npy", "wb") as f:  # an .npz saved under a .npy name
+        np.savez(f, x=x)
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    # an .npz named .npy: one line naming it
+    code = main(["score", "--model", str(trained.path), str(tmp_path / "archive.npy"),
+                 "--out", str(tmp_path / "a.csv"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "archive.npy is not a .npy array" in err and "Traceback" not in err
+    # a bad second input after a good first one: one line, no output, nothing left behind
+    for out in ("b.csv", "b.parquet"):
+        code = main(["score", "--model", str(trained.path), str(tmp_path / "good.npy"),
+                     str(tmp_path / "bad.csv"), "--out", str(tmp_path / out), "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "bad.csv" in err, err
+        assert not list(tmp_path.glob(f"*{out}*")), list(tmp_path.glob(f"*{out}*"))
+    # a label in Latin-1 (not UTF-8) is kept as written, in CSV and in Parquet output
+    names = ",".join(["label"] + [f"p{j}" for j in range(x.shape[1])])
+    lines = [names.encode()] + [
+        ("café" if i == 3 else "ok").encode("latin-1") + b"," + ",".join(map(str, r)).encode()
+        for i, r in enumerate(pixels[:20])
+    ]
+    (tmp_path / "latin.csv").write_bytes(b"\n".join(lines) + b"\n")
+    for out in ("l1.csv", "l2.parquet"):
+        opts = BatchOptions(scale=16, passthrough=("label",))
+        s = score_files(det, [tmp_path / "latin.csv"], tmp_path / out, opts)
+        got = (
+            pd.read_csv(tmp_path / out) if out.endswith(".csv") else pd.read_parquet(tmp_path / out)
+        )
+        assert s.rows == 20 and got["label"].tolist()[3] == "café"
+
+
+def test_side_files_are_outputs_too_and_stale_temporaries_go(
+    trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from detector._io import remove_stale_temporaries
+
+    np.save(tmp_path / "in.npy", (pixels[:10] / 16).astype(np.float32))
+    (tmp_path / "out.summary.json").write_text("{}")  # from an earlier run
+    with pytest.raises(InputError, match=r"out\.summary\.json already exists"):
+        score_files(trained.detector, [tmp_path / "in.npy"], tmp_path / "out.csv", BatchOptions())
+    assert (tmp_path / "out.summary.json").read_text() == "{}"
+    # a temporary whose writer was killed (its process is gone) is removed by the next run;
+    # one whose writer still runs is kept
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".out.csv.{gone.pid}.abc123.tmp"
+    stale.write_text("half a file")
+    live = tmp_path / f".out.csv.{os.getpid()}.def456.tmp"
+    live.write_text("being written")
+    assert remove_stale_temporaries(tmp_path / "out.csv") == [stale]
+    assert not stale.exists() and live.exists()
