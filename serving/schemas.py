@@ -79,7 +79,9 @@ SCORE_OPENAPI: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["instances"],
-                    "properties": {"instances": {"type": "array", "items": {"type": "array"}}},
+                    "properties": {
+                        "instances": {"type": "array", "minItems": 1, "items": {"type": "array"}}
+                    },
                 }
             },
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},

@@ -155,7 +155,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(request, exc.status_code, code, exc.detail)
+        response = _error(request, exc.status_code, code, exc.detail)
+        response.headers.update(exc.headers or {})  # 405 keeps its Allow header
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -175,7 +177,13 @@ def create_app(
             )
         return JSONResponse({"status": "ready", "model_version": holder.detector.model_version})
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain; version=0.0.4": {}}}},
+    )
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)
@@ -196,7 +204,16 @@ def create_app(
         return d
 
     @app.post(
-        "/admin/reload", tags=["operations"], summary="Load and verify an artifact, then swap it in"
+        "/admin/reload",
+        tags=["operations"],
+        summary="Load and verify an artifact, then swap it in",
+        responses={
+            400: {"description": "Malformed body or model_dir"},
+            401: {"description": "Missing or wrong API key"},
+            403: {"description": "model_dir outside the model root"},
+            404: {"description": "The admin endpoint is disabled"},
+            409: {"description": "The artifact was refused; the old model keeps serving"},
+        },
     )
     async def reload_model(request: Request, _: Auth) -> dict[str, Any]:
         if not settings.enable_admin:

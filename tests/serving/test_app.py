@@ -477,3 +477,24 @@ def test_metrics_exposition(
         'vae_anomaly_request_duration_seconds_bucket{le="0.005",method="POST",route="/score"}'
         in text
     )
+
+
+def test_405_says_what_is_allowed_and_the_schema_says_what_is_answered(
+    client: TestClient,
+) -> None:
+    for method, url, allow in (
+        ("POST", "/healthz", "GET"),
+        ("POST", "/metrics", "GET"),
+        ("DELETE", "/metadata", "GET"),
+        ("GET", "/score", "POST"),
+    ):
+        r = client.request(method, url)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, url)
+        assert r.json()["error"] == "method_not_allowed"
+    doc = client.get("/openapi.json").json()
+    assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [
+        "text/plain; version=0.0.4"
+    ]
+    body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["instances"]["minItems"] == 1  # [] answers 422, as documented
+    assert {"401", "403", "404", "409"} <= set(doc["paths"]["/admin/reload"]["post"]["responses"])
