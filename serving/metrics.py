@@ -8,6 +8,8 @@ production). With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before st
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import (
@@ -45,6 +47,35 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+_DB_PID = re.compile(r"_(\d+)\.db$")
+
+
+def forget_dead_workers() -> list[int]:
+    """Drop the live gauges of workers that no longer run (a SIGKILLed worker never marks
+    itself dead): its in-flight requests would otherwise be reported for ever. Each worker does
+    it at start and at every scrape; returns the process ids it dropped."""
+    from prometheus_client import multiprocess
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return []
+    pids = {int(m.group(1)) for p in Path(folder).glob("*.db") if (m := _DB_PID.search(p.name))}
+    dead = [pid for pid in sorted(pids) if not _running(pid)]
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, folder)
+    return dead
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def score_buckets(cal: Calibration) -> tuple[float, ...]:
@@ -209,6 +240,7 @@ class Metrics:
         if multiprocess_enabled():
             from prometheus_client import multiprocess
 
+            forget_dead_workers()
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST

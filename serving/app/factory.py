@@ -35,7 +35,7 @@ from serving.errors import (
     Forbidden,
     NotFound,
 )
-from serving.metrics import Metrics
+from serving.metrics import Metrics, forget_dead_workers
 from serving.schemas import document_score_route
 from serving.settings import Settings
 
@@ -264,6 +264,7 @@ def _version() -> str:
 
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory serving.app:create_app_from_env`` (one per worker)."""
+    forget_dead_workers()  # a worker that replaces a killed one clears its gauges
     return create_app(Settings.from_env())
 
 

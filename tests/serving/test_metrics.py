@@ -33,3 +33,26 @@ def test_observe_many_equals_one_by_one() -> None:
     assert f'h_bucket{{le="0.0"}} {float((values <= 0).sum())}' in counts(text2)
     # (the exposition omits _sum when a bucket is negative; read the stored sums)
     assert abs(h1._sum.get() - h2._sum.get()) < 1e-6 * max(1.0, abs(h1._sum.get()))
+
+
+def test_a_killed_workers_live_gauges_are_dropped(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    from serving.metrics import forget_dead_workers
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs, as a SIGKILLed worker's
+    me = os.getpid()
+    for name in (
+        f"gauge_livesum_{gone.pid}.db",  # its in-flight requests: must go
+        f"gauge_livemax_{gone.pid}.db",
+        f"counter_{gone.pid}.db",  # what it counted stays counted
+        f"gauge_livesum_{me}.db",  # a worker that runs keeps its gauges
+    ):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert forget_dead_workers() == [gone.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{gone.pid}.db", f"gauge_livesum_{me}.db"]
+    )
