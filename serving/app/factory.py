@@ -192,7 +192,7 @@ def create_app(
         "/metadata", tags=["model"], summary="Model version, input spec, threshold, provenance"
     )
     async def metadata(_: Auth, det: CurrentDetector) -> dict[str, Any]:
-        d = det.describe()
+        d = _without_paths(det.describe())
         d["serving"] = {
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
@@ -286,3 +286,15 @@ def _inside_model_root(path: str, settings: Settings) -> str:
     if resolved == root or not resolved.is_relative_to(root):
         raise Forbidden("model_dir must be an artifact directory inside the model root")
     return str(resolved)
+
+
+def _without_paths(value: Any) -> Any:
+    """The same metadata with every absolute path cut to its last part: the service does not
+    tell its clients where the training machine kept its data or caches."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith(("/", "~")) and len(value) > 1:
+        return "…/" + Path(value).name
+    return value

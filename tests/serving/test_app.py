@@ -498,3 +498,32 @@ def test_405_says_what_is_allowed_and_the_schema_says_what_is_answered(
     body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["instances"]["minItems"] == 1  # [] answers 422, as documented
     assert {"401", "403", "404", "409"} <= set(doc["paths"]["/admin/reload"]["post"]["responses"])
+
+
+def test_metadata_tells_no_server_paths(trained: TrainOutcome) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from detector.detector import Detector
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    det = trained.detector
+    leaky = Detector(
+        det.model,
+        det.calibration,
+        det.input_spec,
+        reference=det.reference,
+        metadata={
+            "config": {
+                "data": {"dataset": "file", "source": "/home/alice/secret/normal.csv"},
+                "training": {"data_options": {"data_dir": "/srv/cache/vae-anomaly"}},
+            }
+        },
+    )
+    app = create_app(Settings(access_log=False), detector=leaky, registry=CollectorRegistry())
+    with TestClient(app) as c:
+        text = c.get("/metadata").text
+        meta = c.get("/metadata").json()
+    assert "/home/alice" not in text and "/srv/cache" not in text
+    assert meta["data"]["source"] == "…/normal.csv"
+    assert meta["training"]["data_options"]["data_dir"] == "…/vae-anomaly"
