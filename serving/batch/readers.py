@@ -109,7 +109,9 @@ def read_npy(
         raise DataError(f"{path} is not a .npy array: it does not start with the NPY magic{hint}")
     try:  # a memory map only to read the header: shape, dtype, layout and data offset
         header = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except PermissionError:
+        raise
+    except Exception as e:  # numpy parses the header as Python literals: any failure is the file's
         raise DataError(f"{path} is not a readable .npy array: {e}") from e
     shape, dtype = header.shape, header.dtype
     fortran = header.ndim > 1 and not header.flags.c_contiguous
@@ -263,7 +265,7 @@ class _CSVReader:
             nonblank = sum(1 for ln in text.splitlines() if ln)  # rare: empty lines
         else:
             nonblank = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
-        block = self._fast(text, first_row, nonblank)
+        block = self._fast(text, first_row, nonblank) if nonblank else None
         if block is None:
             block, consumed = self._slow(text, first_line, first_row)
         else:
