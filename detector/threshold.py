@@ -40,9 +40,15 @@ def validate_fpr(fpr: float, n_calibration: int) -> None:
     if n_calibration < 1:
         raise FPRError("calibration needs at least one held-out normal score")
     if fpr < 1.0 / n_calibration:
+        need = 1.0 / fpr  # may be infinite for a subnormal FPR
+        rows = (
+            f"{math.ceil(need)}"
+            if need < 1e15
+            else (f"{need:.3g}" if math.isfinite(need) else "more than 1e308")
+        )
         raise FPRError(
             f"target FPR {fpr} is below 1/n = {1.0 / n_calibration:.6g} for n = {n_calibration} "
-            f"calibration scores; hold out at least {math.ceil(1.0 / fpr)} normal samples "
+            f"calibration scores; hold out at least {rows} normal samples "
             "for calibration or raise the target FPR"
         )
 

@@ -7,23 +7,79 @@ the app's OpenAPI document, so ``/docs`` shows it like every other route.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 
+from detector.spec import InputSpec
 
-def document_score_route(app: FastAPI) -> None:
-    """Add ``POST /score`` (served by ``ScoreEndpoint``) to the app's OpenAPI document."""
+
+def document_score_route(
+    app: FastAPI,
+    served: Callable[[], tuple[str, InputSpec, int] | None] = lambda: None,
+    max_instances: int | None = None,
+) -> None:
+    """Add ``POST /score`` (served by ``ScoreEndpoint``) to the app's OpenAPI document.
+
+    ``served`` gives the model now served (its version, input spec and number of calibration
+    scores): the document then says exactly which instances it takes (how many numbers, in which
+    nesting, in which range) and the smallest target FPR its calibration supports (1/n), and is
+    rebuilt when a reload changes the model.
+    """
     base = app.openapi
+    built: dict[str, Any] = {}
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        now = served()
+        key = now[0] if now else None
+        if app.openapi_schema is None or built.get("key") != key:
             schema = base()
-            schema["paths"]["/score"] = {"post": SCORE_OPENAPI}
-            app.openapi_schema = schema
+            route = copy.deepcopy(SCORE_OPENAPI)
+            body = route["requestBody"]["content"]["application/json"]["schema"]
+            body["properties"]["instances"] = instances_schema(
+                now[1] if now else None, max_instances
+            )
+            if now:
+                for param in route["parameters"]:
+                    if param["name"] == "target_fpr":  # below 1/n the calibration cannot go
+                        param["schema"] = {
+                            "type": "number",
+                            "minimum": 1.0 / now[2],
+                            "exclusiveMaximum": 1,
+                        }
+            schema["paths"]["/score"] = {"post": route}
+            app.openapi_schema, built["key"] = schema, key
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def instances_schema(spec: InputSpec | None, max_instances: int | None) -> dict[str, Any]:
+    """The JSON schema of ``instances`` for a model's input spec (any arrays without one)."""
+    out: dict[str, Any] = {"type": "array", "minItems": 1}
+    if max_instances:
+        out["maxItems"] = max_instances
+    if spec is None:
+        out["items"] = {"type": "array"}
+        return out
+    number: dict[str, Any] = {"type": "number"}
+    if spec.value_range is not None:
+        number["minimum"], number["maximum"] = spec.value_range
+
+    def nested(shape: tuple[int, ...]) -> dict[str, Any]:
+        item = number
+        for d in reversed(shape):
+            item = {"type": "array", "minItems": d, "maxItems": d, "items": item}
+        return item
+
+    shapes = [(spec.n_features,), tuple(spec.shape), tuple(d for d in spec.shape if d != 1)]
+    unique = [s for i, s in enumerate(shapes) if s and s not in shapes[:i]]
+    # one form for the whole request (flat vectors, or images nested one way): numpy needs a
+    # rectangular array
+    forms = [{**out, "items": nested(s)} for s in unique]
+    return forms[0] if len(forms) == 1 else {"oneOf": forms}
 
 
 def _query_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:

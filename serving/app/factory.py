@@ -242,7 +242,19 @@ def create_app(
             "previous_version": previous,
         }
 
-    document_score_route(app)
+    document_score_route(
+        app,
+        lambda: (
+            (
+                holder.detector.model_version,
+                holder.detector.input_spec,
+                holder.detector.require_calibration().n,
+            )
+            if holder.detector
+            else None
+        ),
+        settings.max_instances,
+    )
 
     # Middleware, innermost first: POST /score answered before FastAPI's router; the body limit
     # around it (its 413 is raised while the body streams in); observability outermost so every

@@ -140,3 +140,13 @@ def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same
     written = cal.to_dict()
     del written["complexity_codec_version"], saved["complexity_codec_version"]  # the library's
     assert written == saved
+
+
+def test_a_vanishing_target_fpr_is_refused_in_words() -> None:
+    from detector.errors import FPRError
+    from detector.threshold import validate_fpr
+
+    with pytest.raises(FPRError, match="hold out at least more than 1e308 normal samples"):
+        validate_fpr(5e-324, 119)
+    with pytest.raises(FPRError, match="hold out at least 1000000000000 normal samples"):
+        validate_fpr(1e-12, 119)

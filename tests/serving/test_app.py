@@ -496,7 +496,8 @@ def test_405_says_what_is_allowed_and_the_schema_says_what_is_answered(
         "text/plain; version=0.0.4"
     ]
     body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["instances"]["minItems"] == 1  # [] answers 422, as documented
+    for form in body["properties"]["instances"]["oneOf"]:
+        assert form["minItems"] == 1  # [] answers 422, as documented
     assert {"401", "403", "404", "409"} <= set(doc["paths"]["/admin/reload"]["post"]["responses"])
 
 
@@ -527,3 +528,17 @@ def test_metadata_tells_no_server_paths(trained: TrainOutcome) -> None:
     assert "/home/alice" not in text and "/srv/cache" not in text
     assert meta["data"]["source"] == "…/normal.csv"
     assert meta["training"]["data_options"]["data_dir"] == "…/vae-anomaly"
+
+
+def test_the_openapi_document_describes_the_served_model(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()["paths"]["/score"]["post"]
+    instances = doc["requestBody"]["content"]["application/json"]["schema"]["properties"][
+        "instances"
+    ]
+    forms = instances["oneOf"]  # flat vectors, or images nested (1, 8, 8) or (8, 8)
+    assert [f["maxItems"] for f in forms] == [10_000] * 3
+    flat = forms[0]["items"]
+    assert flat["minItems"] == flat["maxItems"] == 64
+    assert flat["items"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    fpr = next(p for p in doc["parameters"] if p["name"] == "target_fpr")["schema"]
+    assert fpr["minimum"] > 0 and fpr["exclusiveMaximum"] == 1

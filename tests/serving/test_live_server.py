@@ -326,3 +326,23 @@ def test_prometheus_scrapes_the_service(trained: TrainOutcome, tmp_path: Path) -
             proc.terminate()
             proc.wait(30)
             prom_log.close()
+
+
+def test_the_running_service_keeps_to_its_openapi_document(
+    trained: TrainOutcome, tmp_path: Path
+) -> None:
+    """schemathesis, every check but one, against the real server: no 500, no undocumented
+    status code, no response off its schema, no schema-valid request refused. Left out:
+    negative_data_rejection, because clip=true accepts values outside the documented input
+    range on purpose (it clips them)."""
+    st = Path(sys.executable).with_name("schemathesis")
+    assert trained.path is not None
+    with LiveServer(trained.path) as srv:
+        done = subprocess.run(
+            [str(st), "run", srv.url + "/openapi.json", "--checks", "all",
+             "--exclude-checks", "negative_data_rejection", "--max-examples", "40",
+             "--seed", "1", "--generation-database", "none"],
+            capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "Traceback" not in srv.log()
