@@ -405,3 +405,21 @@ def test_side_files_are_outputs_too_and_stale_temporaries_go(
     live.write_text("being written")
     assert remove_stale_temporaries(tmp_path / "out.csv") == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_a_full_disk_names_the_output(
+    trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from serving.batch import Writer
+
+    def full(self: Writer, table: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Writer, "write", full)
+    np.save(tmp_path / "in.npy", (pixels[:10] / 16).astype(np.float32))
+    with pytest.raises(OSError) as e:
+        score_files(trained.detector, [tmp_path / "in.npy"], tmp_path / "out.csv")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out.csv")
+    assert not list(tmp_path.glob("*out*"))  # nothing half-written is left
