@@ -386,3 +386,37 @@ def test_readme_commands_exist() -> None:
     commands = set(re.findall(r"`vae-anomaly ([a-z-]+)", readme))
     assert {"train", "evaluate", "score", "serve", "benchmark", "report", "info"} <= commands
     assert commands <= set(_subparsers()), commands - set(_subparsers())
+
+
+def test_every_command_line_in_the_docs_uses_options_that_exist() -> None:
+    """Each ``vae-anomaly COMMAND ... --option`` written in the README or a docs page is read
+    against that command's parser: an option renamed or removed breaks this test, not a user."""
+    import argparse
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    commands = _subparsers()
+
+    def options(parser: argparse.ArgumentParser) -> set[str]:
+        found = {o for a in parser._actions for o in a.option_strings}
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for child in a.choices.values():
+                    found |= options(child)
+        return found
+
+    checked = 0
+    for page in pages:
+        if page.name == "experiments.md":  # a log of what was run then, not a manual
+            continue
+        for line in page.read_text().splitlines():
+            for m in re.finditer(r"vae-anomaly ([a-z-]+)([^`|\n;&]*)", line):
+                command, rest = m.group(1), m.group(2)
+                if command not in commands:
+                    continue
+                known = options(commands[command])
+                for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", rest):
+                    assert opt in known, f"{page.name}: vae-anomaly {command} has no {opt}"
+                    checked += 1
+    assert checked > 30
