@@ -48,7 +48,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid_text = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -56,7 +56,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from detector._io import process_alive
 from detector.threshold import Calibration
 
 PREFIX = "vae_anomaly"
@@ -62,20 +63,10 @@ def forget_dead_workers() -> list[int]:
     if not folder:
         return []
     pids = {int(m.group(1)) for p in Path(folder).glob("*.db") if (m := _DB_PID.search(p.name))}
-    dead = [pid for pid in sorted(pids) if not _running(pid)]
+    dead = [pid for pid in sorted(pids) if not process_alive(pid)]
     for pid in dead:
         multiprocess.mark_process_dead(pid, folder)
     return dead
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def score_buckets(cal: Calibration) -> tuple[float, ...]:

@@ -235,8 +235,14 @@ def train_detector(
         complexity_filter=cal_opts.complexity_filter,
         complexity_cap=cap,
     )  # the score without its neighbour term, whose weight is fitted against it
-    reference, weight = _neighbours(
-        result.model, split.x_train, split.x_val, spec, cal_opts, likelihood, str(device)
+    reference, weight = neighbour_setup(
+        result.model,
+        split.x_train,
+        split.x_val,
+        spec,
+        cal_opts.neighbour_share,
+        config=likelihood,
+        device=str(device),
     )
     if method == "cross-fit":
         cal = _cross_fit_calibration(
@@ -412,28 +418,20 @@ def _cross_fit_calibration(
             progress,
             f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
         )
-        reference, weight = _neighbours(
-            fold.model, pool[tr], pool[val], spec, cal_opts, likelihood, device
+        reference, weight = neighbour_setup(
+            fold.model,
+            pool[tr],
+            pool[val],
+            spec,
+            cal_opts.neighbour_share,
+            config=likelihood,
+            device=device,
         )
         scores[held] = Detector(
             fold.model, None, spec, device=device, reference=reference
         ).score_parts(pool[held], config=likelihood.replace(neighbour_weight=weight))["score"]
     return Calibration.fit(
         scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
-    )
-
-
-def _neighbours(
-    model: VAE,
-    x_train: npt.NDArray[np.float32],
-    x_val: npt.NDArray[np.float32],
-    spec: InputSpec,
-    cal_opts: CalibrationOptions,
-    likelihood: ScoreConfig,
-    device: str,
-) -> tuple[torch.Tensor | None, float]:
-    return neighbour_setup(
-        model, x_train, x_val, spec, cal_opts.neighbour_share, config=likelihood, device=device
     )
 
 

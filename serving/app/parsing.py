@@ -91,7 +91,6 @@ def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.N
 # NaN, Infinity or -Infinity as JSON literals (outside strings is all that matters: a string
 # value is refused later anyway)
 _NON_FINITE = re.compile(rb"NaN|Infinity")
-NPY_MAGIC = b"\x93NUMPY"
 
 
 def _holds_bool(value: Any) -> bool:
@@ -110,7 +109,7 @@ def _holds_bool(value: Any) -> bool:
 def _load_npy(body: bytes, max_instances: int) -> npt.NDArray[Any]:
     """An NPY body as an array, its header checked against the body before anything is
     allocated: a header may declare any shape, the body holds what it holds."""
-    if not body.startswith(NPY_MAGIC):
+    if not body.startswith(np.lib.format.MAGIC_PREFIX):
         hint = " (a .npz archive? send one .npy array)" if body.startswith(b"PK") else ""
         raise BadRequest(
             f"body is not a valid NPY array: it does not start with the NPY magic{hint}"

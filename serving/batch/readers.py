@@ -103,8 +103,8 @@ def read_npy(
     """Rows ``start:stop`` of an NPY file, in chunks read with plain reads (not a memory map,
     whose touched pages would count as the process's resident memory)."""
     with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":
+        magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if magic != np.lib.format.MAGIC_PREFIX:
         hint = " (a .npz archive? save one array with numpy.save)" if magic[:2] == b"PK" else ""
         raise DataError(f"{path} is not a .npy array: it does not start with the NPY magic{hint}")
     try:  # a memory map only to read the header: shape, dtype, layout and data offset
