@@ -194,6 +194,17 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
             f"{root / CONFIG}: the input spec's shape {list(input_spec.shape)} does not fit the "
             f"model's input {list(model_config.input_shape)}"
         )
+    schema = input_spec.schema
+    if (schema is not None) != model_config.is_table or (
+        schema is not None
+        and (
+            schema.categorical_groups != model_config.categorical
+            or not math.isclose(schema.unseen_nats, model_config.unseen_nats, rel_tol=1e-9)
+        )
+    ):
+        raise ArtifactIntegrityError(
+            f"{root / CONFIG}: the input's table schema does not match the model's table layout"
+        )
     _check_weight_shapes(root / WEIGHTS, model_config)  # before the model allocates anything
 
     model = VAE(model_config)

@@ -200,7 +200,9 @@ class Detector:
         verify but whose numbers cannot score (NaN weights that slipped through, a broken
         graph) is refused at load, not served."""
         lo, hi = self.input_spec.value_range or (0.0, 0.0)
-        x = np.full((2, *self.input_spec.shape), (lo + hi) / 2, np.float32)
+        # a table's probe: rows of missing cells (zeros could lie beyond a column's bounds)
+        mid = np.nan if self.input_spec.schema is not None else (lo + hi) / 2
+        x = np.full((2, *self.input_spec.shape), mid, np.float32)
         try:
             parts = self.score_parts(x)
         except (RuntimeError, ValueError) as e:

@@ -20,6 +20,12 @@ Two likelihoods:
   mean and scale (buffers saved with the weights), and the log-Jacobian of that map is added back,
   so -log p(x|z) is in nats of the raw features.
 
+Tables (``detector.schema``) add two things to the Gaussian likelihood: ``categorical`` blocks of
+the input are one-hot columns, whose likelihood is a softmax over the block's logits (the
+category's surprise, -log p, in nats; an all-zero block is a category unseen in training and
+costs ``unseen_nats``), and ``masked`` inputs may hold NaN for a missing cell, which the encoder
+reads as the training mean and the likelihood leaves out (the density of the observed cells).
+
 The config travels with the weights in the artifact (cf. nanoGPT's ``GPTConfig`` / ``model_args``),
 so ``VAE(VAEConfig(**saved))`` rebuilds the exact network.
 """
@@ -58,10 +64,18 @@ class VAEConfig:
     likelihood: Likelihood = "bernoulli"
     sigma: float | None = 0.1  # gaussian only; None -> one learned sigma per feature
     beta: float = 1.0  # weight of the KL term in the training loss (the score always uses 1)
+    # tables: (start, size) of each one-hot block; NaN inputs are missing cells; the surprise of
+    # an unseen category in nats
+    categorical: tuple[tuple[int, int], ...] = ()
+    masked: bool = False
+    unseen_nats: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(
+            self, "categorical", tuple((int(s), int(k)) for s, k in self.categorical)
+        )
         if not self.widths:
             if self.architecture not in DEFAULT_WIDTHS:
                 raise ConfigError(
@@ -89,6 +103,16 @@ class VAEConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.sigma is not None and self.sigma <= 0:
             raise ConfigError(f"sigma must be > 0 (or None to learn it), got {self.sigma}")
+        if self.categorical or self.masked:
+            if self.likelihood != "gaussian" or self.architecture != "mlp":
+                raise ConfigError("table inputs need the mlp architecture and gaussian likelihood")
+            end = 0
+            for start, size in self.categorical:
+                if start < end or size < 1 or start + size > self.n_features:
+                    raise ConfigError(f"categorical blocks overlap or overrun: {self.categorical}")
+                end = start + size
+            if not (math.isfinite(self.unseen_nats) and self.unseen_nats >= 0):
+                raise ConfigError(f"unseen_nats must be >= 0, got {self.unseen_nats}")
         if self.architecture == "conv":
             if len(self.input_shape) != 3:
                 raise ConfigError(
@@ -111,6 +135,7 @@ class VAEConfig:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["widths"] = list(self.widths)
+        d["categorical"] = [list(g) for g in self.categorical]
         return d
 
     @classmethod
@@ -119,7 +144,23 @@ class VAEConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**{**d, "input_shape": tuple(d["input_shape"]), "widths": tuple(d["widths"])})
+        groups = d.get("categorical", [])
+        if not isinstance(groups, list) or not all(
+            isinstance(g, list) and len(g) == 2 for g in groups
+        ):
+            raise ConfigError("model config: categorical must be a list of [start, size] pairs")
+        return cls(
+            **{
+                **d,
+                "input_shape": tuple(d["input_shape"]),
+                "widths": tuple(d["widths"]),
+                "categorical": tuple((int(a), int(b)) for a, b in groups),
+            }
+        )
+
+    @property
+    def is_table(self) -> bool:
+        return bool(self.categorical) or self.masked
 
 
 class VAE(nn.Module):
@@ -127,6 +168,10 @@ class VAE(nn.Module):
 
     feature_mean: torch.Tensor
     feature_scale: torch.Tensor
+    numeric_mask: torch.Tensor  # tables: 1 for numeric features, 0 in one-hot blocks
+    cat_index: torch.Tensor  # (blocks, largest block): each block's feature indices, padded
+    cat_pad: torch.Tensor  # (blocks, largest block): True where padded
+    cat_start: torch.Tensor  # (blocks,): each block's first feature
     log_sigma: nn.Parameter | None
 
     def __init__(self, config: VAEConfig) -> None:
@@ -144,6 +189,22 @@ class VAE(nn.Module):
             self.log_sigma = nn.Parameter(torch.zeros(shape))
         else:
             self.register_parameter("log_sigma", None)
+        if config.is_table:
+            # derived from the config, so not saved with the weights
+            numeric = torch.ones(config.n_features)
+            size = max((k for _, k in config.categorical), default=1)
+            index = torch.zeros(len(config.categorical), size, dtype=torch.long)
+            pad = torch.ones(len(config.categorical), size, dtype=torch.bool)
+            for g, (start, k) in enumerate(config.categorical):
+                numeric[start : start + k] = 0.0
+                index[g, :k] = torch.arange(start, start + k)
+                pad[g, :k] = False
+            self.register_buffer("numeric_mask", numeric, persistent=False)
+            self.register_buffer("cat_index", index, persistent=False)
+            self.register_buffer("cat_pad", pad, persistent=False)
+            self.register_buffer(
+                "cat_start", torch.tensor([s for s, _ in config.categorical]), persistent=False
+            )
 
     # -- preprocessing ----------------------------------------------------------------------
     @torch.no_grad()
@@ -156,7 +217,10 @@ class VAE(nn.Module):
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], *self.config.input_shape)  # (B, *input_shape)
-        if self.config.likelihood == "gaussian":
+        if self.config.is_table:  # a missing cell reads as the training mean (0 standardised)
+            observed = ~torch.isnan(x)
+            x = torch.where(observed, (x - self.feature_mean) / self.feature_scale, 0.0)
+        elif self.config.likelihood == "gaussian":
             x = (x - self.feature_mean) / self.feature_scale
         return x
 
@@ -174,6 +238,8 @@ class VAE(nn.Module):
     # -- log densities, per sample ----------------------------------------------------------
     def nll(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) in nats, summed over features: (B,)."""
+        if self.config.is_table:
+            return self.nll_features(x, params).sum(-1)
         x = self._prepare(x)
         if self.config.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
@@ -183,6 +249,37 @@ class VAE(nn.Module):
         nll = 0.5 * sq + log_sigma + 0.5 * _LOG_2PI
         # Jacobian of the standardisation, so the density is that of the raw features.
         return nll.flatten(1).sum(-1) + torch.log(self.feature_scale).sum()
+
+    def nll_features(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """A table's -log p(x | z) per feature, in nats of the raw values: (B, features).
+
+        Numeric features: the Gaussian's terms. A categorical block: its softmax surprise at the
+        block's first feature (0 at the others), ``unseen_nats`` for an all-zero block. Missing
+        cells (NaN) count 0. ``detector.schema.TableSchema.column_contributions`` sums them per
+        column.
+        """
+        if not self.config.is_table:
+            xs = self._prepare(x)
+            log_sigma = self._log_sigma(params)
+            sq = ((xs - params) * torch.exp(-log_sigma)) ** 2
+            terms = 0.5 * sq + log_sigma + 0.5 * _LOG_2PI + torch.log(self.feature_scale)
+            return terms.flatten(1)
+        observed = ~torch.isnan(x.reshape(params.shape))
+        xs = self._prepare(x)
+        log_sigma = self._log_sigma(params)
+        sq = ((xs - params) * torch.exp(-log_sigma)) ** 2
+        terms = (0.5 * sq + log_sigma + 0.5 * _LOG_2PI + torch.log(self.feature_scale)) * (
+            self.numeric_mask
+        )
+        if self.config.categorical:
+            logits = params[:, self.cat_index].masked_fill(self.cat_pad, -torch.inf)
+            logp = torch.log_softmax(logits, dim=-1).masked_fill(self.cat_pad, 0.0)
+            onehot = xs[:, self.cat_index].masked_fill(self.cat_pad, 0.0)  # (B, G, K)
+            surprise = -(onehot * logp).sum(-1)  # (B, G)
+            seen = onehot.sum(-1) > 0
+            surprise = torch.where(seen, surprise, self.config.unseen_nats)
+            terms = terms.index_add(1, self.cat_start, surprise)
+        return torch.where(observed, terms, 0.0)
 
     def _log_sigma(self, like: torch.Tensor) -> torch.Tensor:
         if self.log_sigma is not None:
@@ -199,7 +296,13 @@ class VAE(nn.Module):
         """Likelihood parameters -> expected reconstruction in the input's own units."""
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(params)
-        return params * self.feature_scale + self.feature_mean
+        out = params * self.feature_scale + self.feature_mean
+        if self.config.categorical:  # a one-hot block's expectation: the category probabilities
+            logits = params[:, self.cat_index].masked_fill(self.cat_pad, -torch.inf)
+            probs = torch.softmax(logits, dim=-1)
+            out = out.clone()
+            out[:, self.cat_index[~self.cat_pad]] = probs[:, ~self.cat_pad]
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruct at the posterior mean: returns (params, mu, logvar)."""

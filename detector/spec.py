@@ -8,13 +8,14 @@ expecting 784").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from detector.errors import InputError
+from detector.schema import TableSchema
 
 RANGE_TOLERANCE = 1e-6
 
@@ -27,6 +28,7 @@ class InputSpec:
     dtype: str = "float32"
     value_range: tuple[float, float] | None = None  # None: any finite real value
     preprocessing: str = ""  # human-readable: what the training data went through
+    schema: TableSchema | None = None  # a table's columns (detector.schema); None for images
 
     @property
     def n_features(self) -> int:
@@ -42,6 +44,7 @@ class InputSpec:
             "dtype": self.dtype,
             "value_range": list(self.value_range) if self.value_range else None,
             "preprocessing": self.preprocessing,
+            **({"schema": self.schema.to_dict()} if self.schema else {}),
         }
 
     @classmethod
@@ -52,7 +55,15 @@ class InputSpec:
             dtype=str(d.get("dtype", "float32")),
             value_range=(float(vr[0]), float(vr[1])) if vr else None,
             preprocessing=str(d.get("preprocessing", "")),
+            schema=TableSchema.from_dict(d["schema"]) if d.get("schema") else None,
         )
+
+    def __post_init__(self) -> None:
+        if self.schema is not None and self.schema.n_encoded != self.n_features:
+            raise InputError(
+                f"the table schema encodes {self.schema.n_encoded} features, but the input shape "
+                f"{self.shape_str()} holds {self.n_features}"
+            )
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,9 +115,14 @@ def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np
     screen = screen_rows(flat, spec)
     if screen.nonfinite.any():
         bad = np.flatnonzero(screen.nonfinite)
+        i = int(bad[0])
+        if spec.schema is not None:
+            raise InputError(
+                f"{name} cannot be scored in {bad.size} sample(s), first at index {i}: "
+                f"{screen.notes[i]}"
+            )
         raise InputError(
-            f"{name} contains NaN or infinite values in {bad.size} sample(s), first at index "
-            f"{int(bad[0])}"
+            f"{name} contains NaN or infinite values in {bad.size} sample(s), first at index {i}"
         )
     if screen.outside.any():
         assert spec.value_range is not None
@@ -128,6 +144,8 @@ class RowScreen:
 
     nonfinite: npt.NDArray[np.bool_]  # a NaN or an infinity somewhere in the row
     outside: npt.NDArray[np.bool_]  # finite, but outside the model's input range
+    # tables: why a row cannot be scored (NaN is a missing cell there, not an error)
+    notes: dict[int, str] = field(default_factory=dict)
 
     @property
     def bad(self) -> npt.NDArray[np.bool_]:
@@ -136,6 +154,8 @@ class RowScreen:
     def reason(self, x: npt.NDArray[np.float32], i: int, spec: InputSpec, hint: str = "") -> str:
         """Why row ``i`` of ``x`` was refused, in words."""
         row = x[i]
+        if i in self.notes:
+            return self.notes[i]
         if self.nonfinite[i]:
             j = int(np.flatnonzero(~np.isfinite(row))[0])
             v = float(row[j])
@@ -150,7 +170,11 @@ class RowScreen:
 
 
 def screen_rows(x: npt.NDArray[np.float32], spec: InputSpec) -> RowScreen:
-    """Screen the rows of ``x`` (N, features) against ``spec``'s value range."""
+    """Screen the rows of ``x`` (N, features) against ``spec``'s value range (a table's rows:
+    against its schema, where NaN is a missing cell)."""
+    if spec.schema is not None:
+        bad, notes = spec.schema.screen(x)
+        return RowScreen(bad, np.zeros_like(bad), notes)
     nonfinite = np.asarray(~np.isfinite(x).all(axis=1))
     if spec.value_range is None:
         return RowScreen(nonfinite, np.zeros_like(nonfinite))

@@ -21,9 +21,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from detector._io import sha256_file
 from detector.errors import DataError
+from detector.schema import TableSchema
+from detector.tables import TABLE_SUFFIXES, numeric_rows, read_table
 from training.idx import (  # noqa: F401  (re-exported: the data API in one place)
     ENV_DATA_DIR,
     FASHION_MNIST_FILES,
@@ -59,6 +62,7 @@ class Dataset:
     value_range: tuple[float, float] | None = None
     preprocessing: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    schema: TableSchema | None = None  # a table's columns; x_* are its encoded rows
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -179,69 +183,119 @@ def load_digits_dataset(*, test_fraction: float = 1 / 3, seed: int = 0) -> Datas
 
 
 def load_array(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
-    """Samples from ``.npy`` (N x features, or N x ...) or ``.csv`` (header optional) as float32."""
+    """Numbers from ``.npy`` (N x features, or N x ...) or ``.csv`` / ``.parquet`` (header
+    optional; every column numeric) as float32: labels, or samples for an image model."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     suffix = p.suffix.lower()
     if suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{p} is not a readable .npy array: {e}") from e
-    elif suffix == ".csv":
-        arr = _read_csv(p)
+        arr = _read_npy(p)
+    elif suffix in TABLE_SUFFIXES:
+        table, _ = read_table(p)
+        text = [
+            n
+            for n, t in zip(table.column_names, table.schema.types, strict=True)
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t))
+        ]
+        if text:
+            raise DataError(f"{p}: column {text[0]!r} is not a column of numbers")
+        arr = numeric_rows(table)
     else:
-        raise DataError(f"{p}: unsupported file type {suffix or '(none)'}; use .npy or .csv")
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-        raise DataError(f"{p} must hold numbers, got dtype {arr.dtype}")
-    if arr.ndim < 2:
-        raise DataError(f"{p} has shape {arr.shape}: expected (N, features) or (N, ...)")
+        raise DataError(
+            f"{p}: unsupported file type {suffix or '(none)'}; use .npy, .csv or .parquet"
+        )
     if arr.shape[0] == 0:
         raise DataError(f"{p} holds no samples")
     arr = arr.astype(np.float32)
     bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
     if bad.any():
         raise DataError(
-            f"{p} contains NaN or infinite values in {int(bad.sum())} row(s), first at row "
-            f"{int(np.flatnonzero(bad)[0])}"
+            f"{p} contains NaN, empty or infinite values in {int(bad.sum())} row(s), first at "
+            f"row {int(np.flatnonzero(bad)[0]) + 1}"
         )
     return arr
 
 
-def _read_csv(p: Path) -> npt.NDArray[Any]:
-    import pandas as pd
+def _read_npy(p: Path) -> npt.NDArray[Any]:
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{p} is not a readable .npy array: {e}") from e
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"{p} must hold numbers, got dtype {arr.dtype}")
+    if arr.ndim < 2:
+        raise DataError(f"{p} has shape {arr.shape}: expected (N, features) or (N, ...)")
+    return arr
 
-    # utf-8-sig: a byte-order mark at the start is neither data nor part of a column name
-    with open(p, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline().strip()
-    if not first:
-        raise DataError(f"{p} is empty")
-    cells = first.split(",")
-    try:
-        [float(c) for c in cells]
-        header: int | None = None
-    except ValueError:
-        header = 0
-    try:
-        df = pd.read_csv(p, header=header, encoding="utf-8-sig")
-    except (ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"{p}: cannot parse CSV: {str(e).splitlines()[0]}") from e
-    for col in df.columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            values = pd.to_numeric(df[col], errors="coerce")
-            row = int(values.isna().to_numpy().argmax())
-            line = row + (2 if header == 0 else 1)
-            raise DataError(
-                f"{p}, line {line}, column {col!r}: {df[col].iloc[row]!r} is not a number"
-            )
-    return df.to_numpy()
+
+@dataclass(frozen=True)
+class TableOptions:
+    """How to read a user's table for training."""
+
+    categorical: tuple[str, ...] = ()  # columns read as categories whatever they hold
+    numeric: tuple[str, ...] = ()  # text-looking columns that must be numbers
+    drop: tuple[str, ...] = ()  # columns left out: an id, a label
+    header: str = "auto"
+    delimiter: str | None = None
+
+
+def load_table(path: Path, opts: TableOptions | None = None) -> Dataset:
+    """A user's table of normal rows (.csv / .parquet, or a 2-D .npy taken by position): its
+    schema (``detector.schema``) and its rows encoded for the model."""
+    opts = opts or TableOptions()
+    if path.suffix.lower() == ".npy":
+        arr = _read_npy(path)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: a table needs shape (N, features), got {arr.shape}")
+        if opts.categorical or opts.drop:
+            raise DataError(f"{path}: .npy columns have no names; --categorical / --drop need CSV")
+        table = pa.table({str(i): arr[:, i].astype(np.float64) for i in range(arr.shape[1])})
+        by_name = False
+    else:
+        table, by_name = read_table(
+            path,
+            header=opts.header,
+            delimiter=opts.delimiter,
+            drop=opts.drop,
+            text_columns=opts.categorical,
+        )
+    schema = TableSchema.infer(
+        table,
+        by_name=by_name,
+        categorical=opts.categorical,
+        numeric=opts.numeric,
+        source=str(path),
+    )
+    enc = schema.encode([table.column(c.name) for c in schema.columns])
+    if enc.bad.any():  # infinities: nothing else is that far from the table's own mean
+        i = int(np.flatnonzero(enc.bad)[0])
+        raise DataError(f"{path}, row {i + 1}: {enc.reasons[i]}")
+    return Dataset(
+        name=path.name,
+        x_train=enc.x,
+        y_train=None,
+        preprocessing=f"table: {schema.kinds_summary()}; numeric columns standardised, "
+        "categorical columns one-hot; empty cells are missing values",
+        provenance={
+            "dataset": "file",
+            "source": str(path.resolve()),
+            "sha256": sha256_file(path),
+            "n_missing_cells": int(enc.missing.sum()),
+        },
+        schema=schema,
+    )
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike[str] | None = None, *, fetch: bool = True
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    fetch: bool = True,
+    table: TableOptions | None = None,
 ) -> Dataset:
-    """A built-in data set by name (mnist, digits), or a user's normal data from .npy / .csv."""
+    """A built-in data set by name (mnist, fashion-mnist, digits), or a user's normal data:
+    a table (.csv / .parquet, or a 2-D .npy) or an array of images (.npy, N x ...)."""
     if name == "mnist":
         return load_mnist(data_dir, fetch=fetch)
     if name == "fashion-mnist":
@@ -249,7 +303,12 @@ def load_dataset(
     if name == "digits":
         return load_digits_dataset()
     p = Path(name)
-    if p.suffix.lower() in (".npy", ".csv"):
+    suffix = p.suffix.lower()
+    if suffix in (".npy", *TABLE_SUFFIXES):
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+        if suffix in TABLE_SUFFIXES or _read_npy(p).ndim == 2:
+            return load_table(p, table)
         x = load_array(p)
         return Dataset(
             name=p.name,
@@ -259,7 +318,8 @@ def load_dataset(
             provenance={"dataset": "file", "source": str(p.resolve()), "sha256": sha256_file(p)},
         )
     raise DataError(
-        f"unknown data set {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a .npy / .csv file"
+        f"unknown data set {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a .csv / "
+        ".parquet / .npy file"
     )
 
 

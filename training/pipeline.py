@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import torch
 
 from detector import artifact
 from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError, FPRError
-from detector.model import VAE, VAEConfig
+from detector.model import VAEConfig
+from detector.schema import TableSchema
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
-from detector.threshold import Calibration, validate_fpr
+from detector.threshold import validate_fpr
 from training.calibrate import (
     DEFAULT_COMPLEXITY_CAP_QUANTILE,
     DEFAULT_NEIGHBOUR_SHARE,
@@ -32,11 +31,19 @@ from training.calibrate import (
     complexity_cap,
     neighbour_setup,
 )
-from training.data import Dataset, Split, load_dataset, one_vs_rest, split_normal
-from training.train import TrainConfig, TrainResult, fit
+from training.data import (
+    Dataset,
+    Split,
+    TableOptions,
+    load_dataset,
+    one_vs_rest,
+    split_normal,
+)
+from training.fitting import CROSS_FIT_FOLDS, cross_fit_calibration, fit_model, flat
+from training.train import TrainConfig
 
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
-CROSS_FIT_FOLDS = 5
+
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,19 @@ class DataOptions:
     val_fraction: float = 0.1
     split_seed: int = 0
     fetch: bool = True
+    # a user's table (detector.schema): columns read as categories / as numbers / left out
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    delimiter: str | None = None
+
+    def table_options(self) -> TableOptions:
+        return TableOptions(
+            categorical=self.categorical,
+            numeric=self.numeric,
+            drop=self.drop,
+            delimiter=self.delimiter,
+        )
 
 
 @dataclass(frozen=True)
@@ -116,11 +136,32 @@ class TrainOutcome:
 
 
 def build_model_config(
-    sample_shape: tuple[int, ...], in_unit_range: bool, opts: ModelOptions
+    sample_shape: tuple[int, ...],
+    in_unit_range: bool,
+    opts: ModelOptions,
+    schema: TableSchema | None = None,
 ) -> VAEConfig:
     """Resolve the ``auto`` choices against the data and build the model config."""
     arch = opts.architecture
     likelihood = opts.likelihood
+    if schema is not None:
+        if arch != "mlp" or likelihood != "gaussian":
+            raise ConfigError(
+                "a table trains with --arch mlp and --likelihood gaussian (its numeric columns "
+                "Gaussian, its categorical columns a softmax over their categories)"
+            )
+        return VAEConfig(
+            input_shape=(schema.n_encoded,),
+            architecture="mlp",
+            latent_dim=opts.latent_dim,
+            widths=opts.widths,
+            likelihood="gaussian",
+            sigma=opts.sigma,
+            beta=opts.beta,
+            categorical=schema.categorical_groups,
+            masked=True,
+            unseen_nats=schema.unseen_nats,
+        )
     if likelihood == "bernoulli" and not in_unit_range:
         raise ConfigError(
             "the bernoulli likelihood needs data in [0, 1], but the training data leaves that "
@@ -186,16 +227,17 @@ def train_detector(
     ds = (
         dataset
         if dataset is not None
-        else load_dataset(data.dataset, data.data_dir, fetch=data.fetch)
+        else load_dataset(data.dataset, data.data_dir, fetch=data.fetch, table=data.table_options())
     )
     if split is None:
         split = make_split(ds, data)
-    in_unit = bool(split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0)
-    cfg = build_model_config(ds.sample_shape, in_unit, model_opts)
+    in_unit = ds.schema is None and bool(split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0)
+    cfg = build_model_config(ds.sample_shape, in_unit, model_opts, ds.schema)
     spec = InputSpec(
         shape=ds.sample_shape,
         value_range=(0.0, 1.0) if cfg.likelihood == "bernoulli" else ds.value_range,
         preprocessing=ds.preprocessing,
+        schema=ds.schema,
     )
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
     method = calibration_method(cal_opts, split.x_cal.shape[0])
@@ -211,9 +253,9 @@ def train_detector(
             )
     validate_fpr(cal_opts.target_fpr, split.x_cal.shape[0])  # before spending time training
 
-    x_train = _flat(split.x_train, cfg)
+    x_train = flat(split.x_train, cfg)
     log.info("training %s VAE on %d normal samples (%s)", cfg.architecture, len(x_train), device)
-    result = _fit_one(cfg, x_train, _flat(split.x_val, cfg), train, in_unit, progress, "training")
+    result = fit_model(cfg, x_train, flat(split.x_val, cfg), train, in_unit, progress, "training")
     cap = (
         complexity_cap(
             split.x_val,
@@ -245,7 +287,7 @@ def train_detector(
         device=str(device),
     )
     if method == "cross-fit":
-        cal = _cross_fit_calibration(
+        cal = cross_fit_calibration(
             split,
             cfg,
             spec,
@@ -357,83 +399,3 @@ def cross_fit_split(split: Split, val_fraction: float, *, seed: int) -> Split:
         labels_test=split.labels_test,
         info=info,
     )
-
-
-def _fit_one(
-    cfg: VAEConfig,
-    x_train: npt.NDArray[np.float32],
-    x_val: npt.NDArray[np.float32],
-    train: TrainConfig,
-    in_unit: bool,
-    progress: bool | None,
-    desc: str,
-) -> TrainResult:
-    torch.manual_seed(train.seed)
-    vae = VAE(cfg)
-    if cfg.likelihood == "gaussian" and not in_unit:
-        # Real-valued features: standardise with the training data's statistics (saved with the
-        # weights). Data already in [0, 1] (images) is modelled as it is.
-        std = x_train.std(axis=0)
-        vae.set_standardization(
-            torch.from_numpy(x_train.mean(axis=0)),
-            torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
-        )
-    return fit(vae, x_train, x_val, train, progress=progress, desc=desc)
-
-
-def _cross_fit_calibration(
-    split: Split,
-    cfg: VAEConfig,
-    spec: InputSpec,
-    train: TrainConfig,
-    in_unit: bool,
-    cal_opts: CalibrationOptions,
-    likelihood: ScoreConfig,
-    progress: bool | None,
-    device: str,
-    seed: int,
-) -> Calibration:
-    """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
-    2015): fold k's rows are scored by a model trained on the other folds only, with the final
-    model's score settings (``likelihood``: the complexity cap included); each fold model's
-    neighbour term uses its own training rows and weight, fitted as the final model's are. The
-    caller sets the final model's neighbour weight on the returned calibration."""
-    pool = split.x_cal
-    n = pool.shape[0]
-    folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
-    scores = np.empty(n, np.float64)
-    val_fraction = split.info.get("val_fraction", 0.1)
-    for k, held in enumerate(folds):
-        rest = np.setdiff1d(np.arange(n), held)
-        rng = np.random.default_rng(seed + 2 + k)
-        rest = rng.permutation(rest)
-        n_val = max(1, round(val_fraction * n))
-        val, tr = np.sort(rest[:n_val]), np.sort(rest[n_val:])
-        fold = _fit_one(
-            cfg,
-            _flat(pool[tr], cfg),
-            _flat(pool[val], cfg),
-            train,
-            in_unit,
-            progress,
-            f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
-        )
-        reference, weight = neighbour_setup(
-            fold.model,
-            pool[tr],
-            pool[val],
-            spec,
-            cal_opts.neighbour_share,
-            config=likelihood,
-            device=device,
-        )
-        scores[held] = Detector(
-            fold.model, None, spec, device=device, reference=reference
-        ).score_parts(pool[held], config=likelihood.replace(neighbour_weight=weight))["score"]
-    return Calibration.fit(
-        scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
-    )
-
-
-def _flat(x: npt.NDArray[np.float32], cfg: VAEConfig) -> npt.NDArray[np.float32]:
-    return x.reshape(x.shape[0], *cfg.input_shape)

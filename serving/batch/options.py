@@ -15,6 +15,7 @@ from detector.errors import DataError, InputError
 INPUT_SUFFIXES = (".npy", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 RESULT_COLUMNS = DetectionResult.COLUMNS
+TABLE_COLUMNS = ("n_missing", "n_unseen")  # a table model's output: cells missing, unseen
 DEFAULT_CHUNK_ROWS = 8192
 CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text parsed at once (about 4,500 MNIST rows)
 
@@ -27,6 +28,7 @@ class BatchOptions:
     id_column: str | None = None  # a CSV / Parquet column copied to the output as the row's id
     passthrough: tuple[str, ...] = ()  # columns copied to the output unchanged (e.g. a label)
     header: str = "auto"  # CSV: auto (a first line that is not all numbers is a header), yes, no
+    delimiter: str | None = None  # CSV: None = sniffed from the first lines (detector.tables)
     on_error: str = "stop"  # stop: a malformed row ends the run; skip: it goes to the rejects file
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     overwrite: bool = False
@@ -38,6 +40,8 @@ class BatchOptions:
             raise InputError(f"header must be auto, yes or no, got {self.header!r}")
         if self.on_error not in ("stop", "skip"):
             raise InputError(f"on_error must be stop or skip, got {self.on_error!r}")
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise InputError(f"the delimiter must be one character, got {self.delimiter!r}")
         if self.chunk_rows < 1:
             raise InputError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         named = [*([self.id_column] if self.id_column else []), *self.passthrough]

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 
 from detector.detector import DetectionResult, Detector
 from detector.errors import DataError
-from serving.batch.options import RESULT_COLUMNS, Block
+from serving.batch.options import RESULT_COLUMNS, TABLE_COLUMNS, Block
+
+OUTPUT_COLUMNS = (*RESULT_COLUMNS, *TABLE_COLUMNS)
 
 
 # -- scoring and writing ------------------------------------------------------------------------
@@ -33,6 +35,11 @@ def score_block(detector: Detector, block: Block) -> pa.Table:
         **block.extra,
         **{k: pa.array(v) for k, v in result.items()},
     }
+    schema = detector.input_spec.schema
+    if schema is not None:  # a table's rows: how many cells were missing, categories unseen
+        missing, unseen = schema.cell_counts(block.x.reshape(n, -1))
+        columns[TABLE_COLUMNS[0]] = pa.array(missing, pa.int32())
+        columns[TABLE_COLUMNS[1]] = pa.array(unseen, pa.int32())
     return pa.table(columns)
 
 
@@ -53,8 +60,8 @@ class Writer:
                 self._w = pacsv.CSVWriter(self.sink, self.schema)
         elif table.schema != self.schema:
             if table.schema.names != self.schema.names:
-                extra = [n for n in table.schema.names if n not in RESULT_COLUMNS][2:]
-                first = [n for n in self.schema.names if n not in RESULT_COLUMNS][2:]
+                extra = [n for n in table.schema.names if n not in OUTPUT_COLUMNS][2:]
+                first = [n for n in self.schema.names if n not in OUTPUT_COLUMNS][2:]
                 raise DataError(
                     f"{table.column('source')[0]}: id / pass-through columns {extra} differ from "
                     f"the first file's {first}; score files of one layout per run"

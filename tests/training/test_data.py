@@ -168,7 +168,7 @@ def test_load_array_npy_and_csv(tmp_path: Path) -> None:
     ("name", "content", "match"),
     [
         ("bad.csv", "a,b\n1,2\n3,oops\n", r"bad\.csv, line 3, column 'b': 'oops' is not a number"),
-        ("nan.csv", "1,2\n3,nan\n", r"NaN or infinite values in 1 row\(s\), first at row 1"),
+        ("nan.csv", "1,2\n3,nan\n", r"NaN, empty or infinite values in 1 row\(s\), first at row 2"),
         ("x.txt", "1,2\n", r"unsupported file type \.txt"),
         ("empty.csv", "", "is empty"),
     ],

@@ -126,14 +126,15 @@ def test_train_bad_input(
     assert list(tmp_path.iterdir()) == []  # no partial artifact, no temp dir
 
 
-def test_train_on_nan_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_on_infinite_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN in a table is a missing value (it trains); an infinity is refused, naming the column."""
     x = np.random.default_rng(0).normal(size=(200, 5))
-    x[17, 2] = np.nan
+    x[17, 2] = np.inf
     np.save(tmp_path / "x.npy", x)
     code, _, err = _run(
         capsys, "train", "--dataset", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m")
     )
-    _one_line_error(code, err, "NaN or infinite values in 1 row(s), first at row 17")
+    _one_line_error(code, err, "column '2' holds an infinite value")
     assert not (tmp_path / "m").exists()
 
 

@@ -28,6 +28,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+def column_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of column names."""
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
 def positive_int(s: str) -> int:
     v = int(s)
     if v < 1:

@@ -26,10 +26,13 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "columns, score (higher = more anomalous), reconstruction, kl, complexity, p_value, "
         "is_anomaly. Inputs are read and scored in chunks, so memory does not grow with their "
         "size. The output, a rejects file (--on-error skip) and a JSON summary beside it "
-        "(OUTPUT stem + .summary.json) appear only when the run completes. CSV: header "
-        "optional; feature columns are all but the id and pass-through columns; a file with "
-        "one column more than the model's features (MNIST layout: label, pixel0..pixel783) has "
-        "its first column passed through as the label.",
+        "(OUTPUT stem + .summary.json) appear only when the run completes. A model trained on a "
+        "table takes its columns by name, in any order: a missing or unknown column is refused "
+        "(name extra columns with --id-column / --passthrough); empty cells are missing values, "
+        "counted per row in n_missing, and categories never seen in training in n_unseen. An "
+        "image model's CSV: header optional; a file with one column more than the model's "
+        "features (MNIST layout: label, pixel0..pixel783) has its first column passed through "
+        "as the label.",
         formatter_class=fmt,
     )
     sc.add_argument("--model", required=True, help="artifact directory")
@@ -56,6 +59,10 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         default="auto",
         help="CSV header line (auto: a first line that is not all numbers); headerless columns "
         "are named 0, 1, 2, ...",
+    )
+    sc.add_argument(
+        "--delimiter",
+        help="CSV delimiter (default: sniffed from the first lines among , ; tab |)",
     )
     sc.add_argument(
         "--on-error",
@@ -96,6 +103,7 @@ def run_score(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         passthrough=args.passthrough,
         header=args.header,
+        delimiter=args.delimiter,
         on_error=args.on_error,
         chunk_rows=args.chunk_rows,
         overwrite=args.overwrite,

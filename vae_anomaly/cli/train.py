@@ -9,6 +9,7 @@ from vae_anomaly.cli._common import (
     HelpFormatter,
     add_model_args,
     cap_quantile,
+    column_list,
     echo,
     model_options,
     positive_int,
@@ -40,7 +41,9 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     g.add_argument(
         "--dataset",
         default=do.dataset,
-        help="mnist, fashion-mnist, digits (scikit-learn 8x8), or a .npy / .csv file of normal samples",
+        help="mnist, fashion-mnist, digits (scikit-learn 8x8), or a file of normal samples: a "
+        "table (.csv, .parquet, or a 2-D .npy; its columns, kinds and categories are saved in "
+        "the artifact) or images (.npy shaped N x ...)",
     )
     g.add_argument(
         "--normal-class",
@@ -68,6 +71,29 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     g.add_argument(
         "--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split"
+    )
+    g = tr.add_argument_group("tables (.csv / .parquet)")
+    g.add_argument(
+        "--categorical",
+        type=column_list,
+        default=(),
+        help="comma-separated columns read as categories even if they hold numbers (codes); "
+        "text columns are categorical anyway",
+    )
+    g.add_argument(
+        "--numeric",
+        type=column_list,
+        default=(),
+        help="comma-separated columns that must be numbers (a text cell is then an error)",
+    )
+    g.add_argument(
+        "--drop",
+        type=column_list,
+        default=(),
+        help="comma-separated columns left out of the model, e.g. an id or a label",
+    )
+    g.add_argument(
+        "--delimiter", help="CSV delimiter (default: sniffed from the first lines among , ; tab |)"
     )
     add_model_args(tr, mo, tc)
     g = tr.add_argument_group("calibration")
@@ -132,6 +158,10 @@ def run_train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             split_seed=args.split_seed,
             fetch=not args.no_fetch,
+            categorical=args.categorical,
+            numeric=args.numeric,
+            drop=args.drop,
+            delimiter=args.delimiter,
         ),
         model_options(args),
         train_config(args),
@@ -156,6 +186,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"{len(m['history'])}{' (early stop)' if m['stopped_early'] else ''}, "
         f"validation -ELBO {m['best_val_loss']:.2f} nats"
     )
+    schema = det.input_spec.schema
+    if schema is not None:
+        echo(f"table: {schema.kinds_summary()}")
     cal = det.calibration
     assert cal is not None
     how = (

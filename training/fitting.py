@@ -1,0 +1,125 @@
+"""Fitting one model, and the K-fold models of cross-fit calibration (``training.pipeline``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from detector.detector import Detector
+from detector.model import VAE, VAEConfig
+from detector.score import ScoreConfig
+from detector.spec import InputSpec
+from detector.threshold import Calibration
+from training.calibrate import neighbour_setup
+from training.data import Split
+from training.train import TrainConfig, TrainResult, fit
+
+if TYPE_CHECKING:
+    from training.pipeline import CalibrationOptions
+
+CROSS_FIT_FOLDS = 5
+
+
+def fit_model(
+    cfg: VAEConfig,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    train: TrainConfig,
+    in_unit: bool,
+    progress: bool | None,
+    desc: str,
+) -> TrainResult:
+    torch.manual_seed(train.seed)
+    vae = VAE(cfg)
+    if cfg.is_table:
+        # numeric columns standardised with the training rows' statistics, missing cells left
+        # out; one-hot blocks as they are
+        mean, scale = _masked_moments(x_train.reshape(len(x_train), -1))
+        for start, size in cfg.categorical:
+            mean[start : start + size], scale[start : start + size] = 0.0, 1.0
+        vae.set_standardization(torch.from_numpy(mean), torch.from_numpy(scale))
+    elif cfg.likelihood == "gaussian" and not in_unit:
+        # Real-valued features: standardise with the training data's statistics (saved with the
+        # weights). Data already in [0, 1] (images) is modelled as it is.
+        std = x_train.std(axis=0)
+        vae.set_standardization(
+            torch.from_numpy(x_train.mean(axis=0)),
+            torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
+        )
+    return fit(vae, x_train, x_val, train, progress=progress, desc=desc)
+
+
+def cross_fit_calibration(
+    split: Split,
+    cfg: VAEConfig,
+    spec: InputSpec,
+    train: TrainConfig,
+    in_unit: bool,
+    cal_opts: CalibrationOptions,
+    likelihood: ScoreConfig,
+    progress: bool | None,
+    device: str,
+    seed: int,
+) -> Calibration:
+    """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
+    2015): fold k's rows are scored by a model trained on the other folds only, with the final
+    model's score settings (``likelihood``: the complexity cap included); each fold model's
+    neighbour term uses its own training rows and weight, fitted as the final model's are. The
+    caller sets the final model's neighbour weight on the returned calibration."""
+    pool = split.x_cal
+    n = pool.shape[0]
+    folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
+    scores = np.empty(n, np.float64)
+    val_fraction = split.info.get("val_fraction", 0.1)
+    for k, held in enumerate(folds):
+        rest = np.setdiff1d(np.arange(n), held)
+        rng = np.random.default_rng(seed + 2 + k)
+        rest = rng.permutation(rest)
+        n_val = max(1, round(val_fraction * n))
+        val, tr = np.sort(rest[:n_val]), np.sort(rest[n_val:])
+        fold = fit_model(
+            cfg,
+            flat(pool[tr], cfg),
+            flat(pool[val], cfg),
+            train,
+            in_unit,
+            progress,
+            f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
+        )
+        reference, weight = neighbour_setup(
+            fold.model,
+            pool[tr],
+            pool[val],
+            spec,
+            cal_opts.neighbour_share,
+            config=likelihood,
+            device=device,
+        )
+        scores[held] = Detector(
+            fold.model, None, spec, device=device, reference=reference
+        ).score_parts(pool[held], config=likelihood.replace(neighbour_weight=weight))["score"]
+    return Calibration.fit(
+        scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
+    )
+
+
+def _masked_moments(
+    x: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Mean and standard deviation of each column over its observed (non-NaN) cells; a column
+    with no spread (or no observed cell) gets mean 0 or its value, and scale 1."""
+    observed = ~np.isnan(x)
+    count = observed.sum(axis=0)
+    safe = np.where(observed, x, 0.0).astype(np.float64)
+    mean = safe.sum(axis=0) / np.maximum(count, 1)
+    var = (np.where(observed, x - mean, 0.0) ** 2).sum(axis=0) / np.maximum(count, 1)
+    std = np.sqrt(var)
+    scale = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def flat(x: npt.NDArray[np.float32], cfg: VAEConfig) -> npt.NDArray[np.float32]:
+    return x.reshape(x.shape[0], *cfg.input_shape)
