@@ -10,8 +10,12 @@ Protocol (:func:`tabular_split`): a seeded 60 % of the normal rows is the traini
 detector splits it further into train / validation / calibration); the test set is the other 40 %
 of the normal rows plus every anomalous row. Three split seeds per set in the benchmark.
 
-Categorical columns (R factors) become their integer codes: ticdata's factors are ordered bands
-(percentages, amounts), so the codes keep their order; the label column is dropped.
+Each set is read as a user's table would be (``detector.schema``): number columns numeric, R
+factors (text) categorical, NA cells missing; the rows are encoded with the schema of the normal
+rows (numbers as they are, one-hot blocks for categories, NaN for a missing cell). The
+detector reads that natively; the baselines get the same rows with each missing cell set to its
+column's mean over their fit rows, as a user's ``SimpleImputer`` would. The label column is
+dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from detector.errors import DataError
+from detector.schema import TableSchema
 from training.data import Split, split_normal
 
 KERNLAB_DIR = Path("/usr/lib/R/site-library/kernlab/data")
@@ -43,6 +49,7 @@ class TabularSet:
     rule: str  # which rows are anomalous, in words
     source: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    schema: TableSchema | None = None  # the normal rows' columns; x_* are encoded with it
 
     @property
     def n_features(self) -> int:
@@ -65,16 +72,26 @@ def _sklearn(name: str) -> TabularSet:
     else:
         b = datasets.load_wine()
         anomalous = b.target == 0  # cultivar 1 (ODDS "wine": classes 2 and 3 are normal)
-    x = np.asarray(b.data, dtype=np.float32)
+    names = [str(f) for f in b.feature_names]
+    table = pa.table({n: np.asarray(b.data[:, j], np.float64) for j, n in enumerate(names)})
+    source = TABULAR_SETS[name].source
+    return _encoded(name, table, anomalous, names, {"dataset": name, "source": source})
+
+
+def _encoded(
+    name: str,
+    table: pa.Table,
+    anomalous: npt.NDArray[np.bool_],
+    names: list[str],
+    provenance: dict[str, Any],
+) -> TabularSet:
+    """Rows encoded with the schema of the normal rows (categories seen among them)."""
+    normal = table.filter(pa.array(~anomalous))
+    schema = TableSchema.infer(normal, source=name)
+    x = schema.encode([table.column(c.name) for c in schema.columns]).x
     entry = TABULAR_SETS[name]
     return TabularSet(
-        name,
-        x[~anomalous],
-        x[anomalous],
-        [str(f) for f in b.feature_names],
-        entry.rule,
-        entry.source,
-        {"dataset": name, "source": entry.source},
+        name, x[~anomalous], x[anomalous], names, entry.rule, entry.source, provenance, schema
     )
 
 
@@ -82,6 +99,7 @@ _KERNLAB: dict[str, tuple[str, str]] = {  # set -> (label column, anomalous labe
     "spam": ("type", "spam"),
     "musk": ("Class", "1"),
     "ticdata": ("CARAVAN", "insurance"),
+    "income": ("INCOME", "[75.000-"),
 }
 
 
@@ -114,21 +132,15 @@ def _kernlab(name: str) -> TabularSet:
         raise DataError(f"{path} has no label column {label!r}")
     anomalous = (df[label].astype(str) == anomalous_value).to_numpy()
     feats = df.drop(columns=[label])
-    cols = []
+    cols = {}
     for c in feats.columns:
         s = feats[c]
-        codes = s.cat.codes.to_numpy() if hasattr(s, "cat") else s.to_numpy()
-        cols.append(np.asarray(codes, dtype=np.float32))
-    x = np.stack(cols, axis=1)
-    entry = TABULAR_SETS[name]
-    return TabularSet(
-        name,
-        x[~anomalous],
-        x[anomalous],
-        [str(c) for c in feats.columns],
-        entry.rule,
-        entry.source,
-        {"dataset": name, "source": str(path)},
+        if hasattr(s, "cat"):  # an R factor: its labels as text, NA missing
+            cols[str(c)] = pa.array([None if v != v else str(v) for v in s.astype(object)])
+        else:
+            cols[str(c)] = pa.array(np.asarray(s, np.float64))
+    return _encoded(
+        name, pa.table(cols), anomalous, list(cols), {"dataset": name, "source": str(path)}
     )
 
 
@@ -155,9 +167,15 @@ TABULAR_SETS: dict[str, _Entry] = {
     ),
     "ticdata": _Entry(
         "caravan-insurance holders are anomalous (586), the rest normal (9,236); 85 features, "
-        "factor columns as their ordered codes",
+        "62 of them categorical (R factors: customer type, percentage and amount bands)",
         "r-cran-kernlab ticdata.rda (UCI Insurance Company Benchmark, CoIL 2000)",
         lambda: _kernlab("ticdata"),
+    ),
+    "income": _Entry(
+        "households with an income of 75,000 or more are anomalous (884), the rest normal "
+        "(8,109); 13 categorical features, 23.5 % of the rows with a missing cell",
+        "r-cran-kernlab income.rda (Impact Resources' marketing survey, ESL's income data)",
+        lambda: _kernlab("income"),
     ),
 }
 

@@ -20,7 +20,7 @@ import pytest
 from detector.detector import Detector
 from detector.errors import DataError, InputError
 from serving import batch
-from serving.batch import BatchOptions, readers, score_files
+from serving.batch import BatchOptions, csv_reader, score_files
 from training.data import Dataset
 from training.pipeline import TrainOutcome
 from vae_anomaly.cli import main
@@ -125,7 +125,7 @@ def test_id_and_passthrough_columns_and_parquet_output(
 def test_csv_read_in_small_blocks_keeps_rows_and_lines(
     trained: TrainOutcome, pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 1000)  # ~5 lines per block, lines cut midway
+    monkeypatch.setattr(csv_reader, "CSV_BLOCK_BYTES", 1000)  # ~5 lines per block, lines cut midway
     lines = [",".join(map(str, row)) for row in pixels[:40]]
     lines.insert(10, "")  # a blank line: skipped, and lines after it still counted right
     lines[30] = lines[30].replace("0", "x", 1) if "0" in lines[30] else "x" + lines[30][1:]

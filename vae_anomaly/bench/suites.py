@@ -84,8 +84,15 @@ def _sk_method(
         x_test, x_cal = _flat(split.x_test), _flat(split.x_cal)
         t0 = time.perf_counter()
         if ds.value_range is None:
-            # Real-valued features (tables): standardised with the fit data's statistics, as
-            # the VAE standardises its inputs. Images (a known value range) are used as they are.
+            # Real-valued features (tables): a missing cell (NaN) takes its column's mean over
+            # the fit rows (scikit-learn's SimpleImputer), then every column is standardised with
+            # the fit data's statistics, as the VAE standardises its inputs. Images (a known
+            # value range) are used as they are.
+            fill = np.nan_to_num(np.nanmean(x_fit, axis=0)) if np.isnan(x_fit).any() else None
+            if fill is not None:
+                x_fit, x_test, x_cal = (
+                    np.where(np.isnan(a), fill, a) for a in (x_fit, x_test, x_cal)
+                )
             mean, std = x_fit.mean(axis=0), x_fit.std(axis=0)
             std = np.where(std > 1e-8, std, 1.0)
             x_fit, x_test, x_cal = ((a - mean) / std for a in (x_fit, x_test, x_cal))
@@ -552,7 +559,7 @@ def _roc_figure(
 # -- suites ----------------------------------------------------------------------------------------
 SUITES: dict[str, tuple[str, ...]] = {
     "images": ("mnist", "fashion-mnist"),
-    "tabular": ("breast-cancer", "wine", "spam", "musk", "ticdata"),
+    "tabular": ("breast-cancer", "wine", "spam", "musk", "ticdata", "income"),
 }
 TABULAR_SPLIT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
@@ -615,8 +622,9 @@ def run_suite(
             name=name,
             x_train=ts.x_normal,
             y_train=None,
-            preprocessing="none: features used as given",
+            preprocessing=f"table: {ts.schema.kinds_summary()}" if ts.schema else "",
             provenance=ts.provenance,
+            schema=ts.schema,
         )
         runs: list[dict[str, Any]] = []
         for s in cfg.split_seeds:
@@ -771,7 +779,9 @@ def run_small_data(
                 continue
             perm = np.random.default_rng(r).permutation(n)
             mine, fresh = ts.x_normal[np.sort(perm[: cfg.n_rows])], ts.x_normal[perm[cfg.n_rows :]]
-            ds = Dataset(name=name, x_train=mine, y_train=None, provenance=ts.provenance)
+            ds = Dataset(
+                name=name, x_train=mine, y_train=None, provenance=ts.provenance, schema=ts.schema
+            )
             t0 = time.perf_counter()
             outcome = train_detector(
                 DataOptions(dataset=name, split_seed=r),
