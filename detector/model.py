@@ -281,6 +281,20 @@ class VAE(nn.Module):
             terms = terms.index_add(1, self.cat_start, surprise)
         return torch.where(observed, terms, 0.0)
 
+    def surprise_features(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """A table's per-feature -log p(x | z) above its best case, in nats: (B, features).
+
+        A numeric cell's 0.5 * ((x - mean) / sigma)^2 in standardised units (its Gaussian term
+        less the constant the cell pays even when predicted exactly), a categorical block's
+        surprise; 0 for missing cells. Comparable across columns of any scale: what
+        ``detector.explain`` ranks columns by."""
+        terms = self.nll_features(x, params)
+        constant = (
+            self._log_sigma(params) + 0.5 * _LOG_2PI + torch.log(self.feature_scale)
+        ) * self.numeric_mask
+        observed = ~torch.isnan(x.reshape(params.shape))
+        return terms - torch.where(observed, constant, 0.0)
+
     def _log_sigma(self, like: torch.Tensor) -> torch.Tensor:
         if self.log_sigma is not None:
             return self.log_sigma.clamp(-7.0, 5.0)

@@ -64,6 +64,21 @@ def instances_schema(spec: InputSpec | None, max_instances: int | None) -> dict[
     if spec is None:
         out["items"] = {"type": "array"}
         return out
+    if spec.schema is not None:  # a table: records by column name, or encoded rows
+        record = {
+            "type": "object",
+            "required": spec.schema.names,
+            "additionalProperties": False,
+            "properties": {
+                c.name: (
+                    {"type": ["string", "number", "null"]}
+                    if c.kind == "categorical"
+                    else {"type": ["number", "null"]}
+                )
+                for c in spec.schema.columns
+            },
+        }
+        return {**out, "items": record}
     number: dict[str, Any] = {"type": "number"}
     if spec.value_range is not None:
         number["minimum"], number["maximum"] = spec.value_range
@@ -106,7 +121,8 @@ SCORE_OPENAPI: dict[str, Any] = {
     "summary": "Score instances: -ELBO, higher = more anomalous",
     "description": (
         'Body: JSON `{"instances": [...]}` (each a flat vector or a nested image matching the '
-        "model's input shape), or an NPY array of instances (`application/x-npy`). Values outside "
+        "model's input shape; for a model trained on a table, a record of column: value, null "
+        "for a missing value), or an NPY array of instances (`application/x-npy`). Values outside "
         "the model's input range are rejected (422) unless `clip=true`. Returns one result per "
         "instance: score, reconstruction, kl, complexity, neighbour, p_value, is_anomaly."
     ),
@@ -115,7 +131,8 @@ SCORE_OPENAPI: dict[str, Any] = {
         _query_param(
             "explain",
             {"type": "boolean", "default": False},
-            "also return the per-feature squared reconstruction error",
+            "also return the per-feature squared reconstruction error (a table model: each "
+            "column's contribution in nats and the top columns)",
         ),
         _query_param(
             "clip",

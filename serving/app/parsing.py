@@ -13,6 +13,7 @@ import numpy.typing as npt
 import orjson
 
 from detector.errors import InputError
+from detector.schema import CATEGORICAL, TableSchema
 from serving.app.asgi import (
     JSON_TYPES,
     NPY_TYPES,
@@ -25,8 +26,13 @@ from serving.errors import (
 
 
 # -- request parsing ------------------------------------------------------------------------------
-def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.NDArray[Any]:
-    """The body's instances as an array (N, ...); raises a 4xx error saying what is wrong."""
+def parse_instances(
+    body: bytes, content_type: str, max_instances: int, schema: TableSchema | None = None
+) -> npt.NDArray[Any]:
+    """The body's instances as an array (N, ...); raises a 4xx error saying what is wrong.
+
+    A table model (``schema``) also takes records, ``{"column": value, ...}`` per instance,
+    matched by name; ``null`` is a missing value, text a category."""
     ctype = content_type.split(";")[0].strip().lower() or "application/json"
     if ctype in NPY_TYPES:
         arr = _load_npy(body, max_instances)
@@ -59,6 +65,8 @@ def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.N
             raise PayloadTooLarge(
                 f"{len(inst)} instances in one request; the limit is {max_instances}"
             )
+        if schema is not None and isinstance(inst[0], dict):
+            return records_to_rows(inst, schema)
         if (b"true" in body or b"false" in body) and _holds_bool(inst):
             raise InputError("instances must hold numbers only (got true / false)")
         try:
@@ -86,6 +94,49 @@ def parse_instances(body: bytes, content_type: str, max_instances: int) -> npt.N
             f"{arr.shape[0]} instances in one request; the limit is {max_instances}"
         )
     return arr
+
+
+def records_to_rows(instances: list[Any], schema: TableSchema) -> npt.NDArray[np.float32]:
+    """Records (one object of column: value per instance) encoded for a table model."""
+    names = schema.names
+    known = set(names)
+    columns: list[list[Any]] = [[] for _ in names]
+    for k, rec in enumerate(instances):
+        if not isinstance(rec, dict):
+            raise InputError(f"instance {k}: expected an object of column: value, like the first")
+        absent = [n for n in names if n not in rec]
+        if absent:
+            raise InputError(
+                f"instance {k}: no column {absent[0]!r}"
+                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+                + "; send null for a missing value"
+            )
+        unknown = [c for c in rec if c not in known]
+        if unknown:
+            raise InputError(f"instance {k}: unknown column {unknown[0]!r}, not a model feature")
+        for j, col in enumerate(schema.columns):
+            v = rec[col.name]
+            if isinstance(v, bool | dict | list):
+                raise InputError(
+                    f"instance {k}, column {col.name!r}: expected a number, text or null, got "
+                    f"{type(v).__name__}"
+                )
+            if col.kind == CATEGORICAL:
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                columns[j].append(None if v is None else str(v))
+            elif v is None:
+                columns[j].append(math.nan)
+            elif isinstance(v, int | float):
+                columns[j].append(float(v))
+            else:
+                shown = v if len(v) <= 20 else v[:20] + "..."
+                raise InputError(f"instance {k}, column {col.name!r}: {shown!r} is not a number")
+    enc = schema.encode(columns)
+    if enc.bad.any():
+        i = int(np.flatnonzero(enc.bad)[0])
+        raise InputError(f"instance {i}: {enc.reasons[i]}")
+    return enc.x
 
 
 # NaN, Infinity or -Infinity as JSON literals (outside strings is all that matters: a string

@@ -14,6 +14,7 @@ import orjson
 
 from detector.detector import DetectionResult
 from detector.errors import VAEAnomalyError
+from detector.explain import explain_rows
 from detector.spec import validate_samples
 from serving.app.asgi import (
     ASGIApp,
@@ -124,8 +125,8 @@ class ScoreEndpoint:
         if not body:
             raise BadRequest('empty body: send JSON {"instances": [...]} or an NPY array')
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        arr = parse_instances(body, content_type, settings.max_instances)
         spec = det.input_spec
+        arr = parse_instances(body, content_type, settings.max_instances, spec.schema)
         if opts.clip and spec.value_range is not None:
             arr = np.clip(arr.astype(np.float32), spec.value_range[0], spec.value_range[1])
         x = validate_samples(arr, spec, name="instances")
@@ -140,7 +141,15 @@ class ScoreEndpoint:
         results: list[dict[str, Any]] = [
             dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
         ]
-        if opts.explain:
+        if spec.schema is not None:  # a table's rows: missing cells and unseen categories
+            missing, unseen = spec.schema.cell_counts(x.reshape(len(x), -1))
+            for r, m, u in zip(results, missing.tolist(), unseen.tolist(), strict=True):
+                r["n_missing"], r["n_unseen"] = m, u
+        if opts.explain and spec.schema is not None:
+            why = await asyncio.to_thread(explain_rows, used, x)
+            for r, contributions, top in zip(results, why.records(), why.top(), strict=True):
+                r["top_columns"], r["contributions"] = top, contributions
+        elif opts.explain:
             recon = await asyncio.to_thread(used.reconstruct, x)
             err = ((x - recon) ** 2).reshape(len(x), -1)
             for r, row in zip(results, err.tolist(), strict=True):

@@ -32,6 +32,7 @@ class BatchOptions:
     on_error: str = "stop"  # stop: a malformed row ends the run; skip: it goes to the rejects file
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     overwrite: bool = False
+    explain: bool = False  # a table model's per-column contributions and top columns
 
     def validate(self) -> None:
         if not self.scale > 0 or not math.isfinite(self.scale):

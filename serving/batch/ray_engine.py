@@ -140,10 +140,16 @@ class _ScoreActor:
     """Loads and verifies the artifact once, then scores batches of rows."""
 
     def __init__(
-        self, artifact: dict[str, bytes], device: str, batch_size: int, threads: int
+        self,
+        artifact: dict[str, bytes],
+        device: str,
+        batch_size: int,
+        threads: int,
+        explain: bool = False,
     ) -> None:
         import torch
 
+        self.explain = explain
         torch.set_num_threads(max(1, threads))
         self._dir = tempfile.TemporaryDirectory(prefix="vae-anomaly-artifact-")
         if not isinstance(artifact, dict):  # an ObjectRef: fetch it from the object store
@@ -165,7 +171,7 @@ class _ScoreActor:
         }
         sources = table.column("source").to_pylist()
         block = Block(sources[0] if sources else "", table.column("row").to_numpy(), feats, extra)
-        out = score_block(self.detector, block)
+        out = score_block(self.detector, block, explain=self.explain)
         return out.set_column(0, "source", table.column("source"))
 
 
@@ -212,6 +218,7 @@ def score_files_ray(
             "id_column": options.id_column,
             "passthrough": options.passthrough,
             "header": options.header,
+            "delimiter": options.delimiter,
             "on_error": options.on_error,
             "chunk_rows": options.chunk_rows,
         }
@@ -239,6 +246,7 @@ def score_files_ray(
                 "device": device,
                 "batch_size": batch_size,
                 "threads": max(1, int(cpus_per_actor)),
+                "explain": options.explain,
             },
             batch_size=None,
             batch_format="pyarrow",

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from detector._io import atomic_output, write_json
 from detector.detector import Detector
+from detector.errors import InputError
 from serving.batch.files import check_output, side_files
 from serving.batch.options import BatchOptions, Block, Summary
 from serving.batch.readers import Rejects, read_blocks
@@ -81,6 +82,8 @@ def score_files(
     """
     opts = options or BatchOptions()
     opts.validate()
+    if opts.explain and detector.input_spec.schema is None:
+        raise InputError("--explain needs a model trained on a table (per-column contributions)")
     detector.require_calibration()
     files = [Path(p) for p in inputs]
     out = Path(output)
@@ -121,6 +124,7 @@ def score_files(
                         np.zeros(0, np.int64),
                         np.zeros((0, detector.input_spec.n_features), np.float32),
                     ),
+                    explain=opts.explain,
                 )
             )
         _write(writer, None, out)
@@ -154,7 +158,7 @@ def _local(
     for f in files:
         for block in read_blocks(f, detector.input_spec, opts, rejects):
             if len(block.rows):
-                yield score_block(detector, block)
+                yield score_block(detector, block, explain=opts.explain)
 
 
 def _write(writer: Writer, table: pa.Table | None, out: Path) -> None:

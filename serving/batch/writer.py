@@ -12,14 +12,17 @@ import pyarrow.parquet as pq
 
 from detector.detector import DetectionResult, Detector
 from detector.errors import DataError
+from detector.explain import explain_rows
 from serving.batch.options import RESULT_COLUMNS, TABLE_COLUMNS, Block
 
 OUTPUT_COLUMNS = (*RESULT_COLUMNS, *TABLE_COLUMNS)
 
 
 # -- scoring and writing ------------------------------------------------------------------------
-def score_block(detector: Detector, block: Block) -> pa.Table:
-    """The output rows of one block: source, row, id / pass-through columns, score parts."""
+def score_block(detector: Detector, block: Block, *, explain: bool = False) -> pa.Table:
+    """The output rows of one block: source, row, id / pass-through columns, score parts; for a
+    table model the missing and unseen cells per row, and with ``explain`` the top columns and
+    each column's contribution in nats (``detector.explain``)."""
     cal = detector.require_calibration()
     n = len(block.rows)
     if n:
@@ -40,6 +43,11 @@ def score_block(detector: Detector, block: Block) -> pa.Table:
         missing, unseen = schema.cell_counts(block.x.reshape(n, -1))
         columns[TABLE_COLUMNS[0]] = pa.array(missing, pa.int32())
         columns[TABLE_COLUMNS[1]] = pa.array(unseen, pa.int32())
+        if explain:
+            why = explain_rows(detector, block.x.reshape(n, -1))
+            columns["top_columns"] = pa.array([";".join(t) for t in why.top()], pa.string())
+            for j, name in enumerate(why.columns):
+                columns[f"contribution.{name}"] = pa.array(why.contributions[:, j])
     return pa.table(columns)
 
 

@@ -246,3 +246,99 @@ def test_cli_trains_a_table_with_defaults(tmp_path: Path, capsys: pytest.Capture
     )
     assert code == 0
     assert "table: 4 columns (3 numeric, 1 categorical), matched by name" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def table_client(table_model: tuple[Path, Path]):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    app = create_app(
+        Settings(access_log=False),
+        detector=Detector.load(table_model[0]),
+        registry=CollectorRegistry(),
+    )
+    with TestClient(app) as client:
+        yield client
+
+
+def test_http_records_by_name_with_missing_and_explanations(
+    table_model: tuple[Path, Path],
+    table_client,  # type: ignore[no-untyped-def]
+) -> None:
+    model, root = table_model
+    rows = [
+        {"visits": 3, "channel": "web", "income": 3100.0, "age": 41},
+        {"age": None, "income": None, "channel": None, "visits": None},
+        {"channel": "fax", "age": 41, "income": 3100.0, "visits": 3},
+    ]
+    r = table_client.post("/score?explain=true", json={"instances": rows})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["n_missing"] for x in res] == [0, 4, 0]
+    assert [x["n_unseen"] for x in res] == [0, 0, 1]
+    assert set(res[0]["contributions"]) == {"age", "income", "channel", "visits"}
+    assert res[2]["top_columns"][0] == "channel"  # the unseen category explains the row
+    # the same rows through batch scoring score the same
+    pd.DataFrame(rows).to_csv(root / "http.csv", index=False)
+    batch = _score(model, root / "http.csv", root / "http_out.csv")
+    np.testing.assert_allclose([x["score"] for x in res], batch["score"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("instance", "message"),
+    [
+        ({"age": 41, "income": 3100, "channel": "web"}, "instance 0: no column 'visits'"),
+        (
+            {"age": 41, "income": 3100, "channel": "web", "visits": 3, "x": 1},
+            "instance 0: unknown column 'x'",
+        ),
+        (
+            {"age": "old", "income": 3100, "channel": "web", "visits": 3},
+            "instance 0, column 'age': 'old' is not a number",
+        ),
+        (
+            {"age": 41, "income": 1e30, "channel": "web", "visits": 3},
+            "instance 0: column 'income': 1e+30 is more than",
+        ),
+        ({"age": True, "income": 1, "channel": "web", "visits": 3}, "expected a number"),
+    ],
+)
+def test_http_bad_records_are_4xx_naming_the_column(
+    table_client,
+    instance: dict,
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    r = table_client.post("/score", json={"instances": [instance]})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
+def test_openapi_describes_records(table_client) -> None:  # type: ignore[no-untyped-def]
+    doc = table_client.get("/openapi.json").json()
+    body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]
+    record = body["schema"]["properties"]["instances"]["items"]
+    assert record["required"] == ["age", "income", "channel", "visits"]
+
+
+def test_batch_explain_names_the_columns(table_model: tuple[Path, Path]) -> None:
+    model, root = table_model
+    text = "age,income,channel,visits\n41,3100,fax,3\n41,9100,web,3\n41,3100,web,3\n"
+    (root / "explain.csv").write_text(text)
+    out = _score(model, root / "explain.csv", root / "explain_out.csv", explain=True)
+    assert out["top_columns"][0].split(";")[0] == "channel"
+    # an income far from what age predicts: the pair that disagrees leads
+    assert set(out["top_columns"][1].split(";")[:2]) == {"income", "age"}
+    parts = out[[f"contribution.{c}" for c in ("age", "income", "channel", "visits")]]
+    assert (parts.to_numpy() >= 0).all()
+
+
+def test_explain_needs_a_table_model(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+    with pytest.raises(InputError, match="--explain needs a model trained on a table"):
+        score_files(
+            trained.detector, [tmp_path / "x.npy"], tmp_path / "o.csv", BatchOptions(explain=True)
+        )

@@ -61,6 +61,12 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "are named 0, 1, 2, ...",
     )
     sc.add_argument(
+        "--explain",
+        action="store_true",
+        help="table models: add top_columns (the 3 columns that added most to the row's score) "
+        "and contribution.COLUMN (each column's share of the likelihood term, in nats)",
+    )
+    sc.add_argument(
         "--delimiter",
         help="CSV delimiter (default: sniffed from the first lines among , ; tab |)",
     )
@@ -104,6 +110,7 @@ def run_score(args: argparse.Namespace) -> int:
         passthrough=args.passthrough,
         header=args.header,
         delimiter=args.delimiter,
+        explain=args.explain,
         on_error=args.on_error,
         chunk_rows=args.chunk_rows,
         overwrite=args.overwrite,
