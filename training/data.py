@@ -323,6 +323,34 @@ def load_dataset(
     )
 
 
+def load_table_rows(
+    path: Path, schema: TableSchema, *, label_column: str | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64] | None]:
+    """A table to score with a table model: its rows encoded by the model's schema (columns by
+    name), and the numbers of ``label_column`` when given."""
+    text = [c.name for c in schema.columns if c.kind == "categorical"]
+    table, _ = read_table(path, text_columns=text)
+    others = [label_column] if label_column else []
+    if label_column and label_column not in table.column_names:
+        raise DataError(f"{path}: no label column {label_column!r}")
+    names = schema.match(table.column_names, str(path), others=others)
+    enc = schema.encode([table.column(n) for n in names])
+    if enc.bad.any():
+        i = int(np.flatnonzero(enc.bad)[0])
+        raise DataError(f"{path}, row {i + 1}: {enc.reasons[i]}")
+    if not label_column:
+        return enc.x, None
+    col = table.column(label_column)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DataError(
+            f"{path}: label column {label_column!r} must hold numbers (0/1, or class numbers)"
+        )
+    y = np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False))
+    if np.isnan(y).any():
+        raise DataError(f"{path}: label column {label_column!r} has empty cells")
+    return enc.x, y
+
+
 # -- splits --------------------------------------------------------------------------------------
 @dataclass
 class Split:

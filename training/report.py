@@ -78,6 +78,9 @@ class _Section:
     table: str = ""
 
 
+_Plan = tuple[str, str, str, "Callable[[FigureContext], Figure | None]"]
+
+
 def build(
     detector: Detector,
     x: npt.ArrayLike,
@@ -142,7 +145,7 @@ def build(
 
     rng = np.random.default_rng(seed)
     ctx = FigureContext(detector, arr, result, recon, latent, y, classes, examples, rng)
-    plans: list[tuple[str, str, str, Callable[[FigureContext], Figure | None]]] = [
+    plans: list[_Plan] = [
         (
             "training_curves.png",
             "Training",
@@ -213,6 +216,8 @@ def build(
             interpolation,
         ),
     ]
+    if detector.input_spec.schema is not None:
+        plans = _table_plans(plans)
     figures: list[Path] = []
     skipped: dict[str, str] = {}
     sections: list[_Section] = []
@@ -248,6 +253,45 @@ def build(
         raise InputError(str(e)) from None
     summary["auroc_vs_class"] = per_class
     return Report(Path(out) / "index.html", figures, skipped, summary)
+
+
+def _table_plans(plans: list[_Plan]) -> list[_Plan]:
+    """A table model's report: the same sections, drawn for columns instead of pixels."""
+    from training import table_figures as tf
+
+    text = (
+        "Each row's columns, coloured by their contribution to the row's likelihood term (nats "
+        "above the cell's best case: 0.5 z^2 for a numeric cell z sigmas off, the surprise of "
+        "a category; log colour scale); the columns that contribute most to these rows."
+    )
+    replace_by: dict[str, tuple[str, Callable[[FigureContext], Figure | None]]] = {
+        "score_distribution.png": (
+            "Scores of the report data on a symmetric-log axis (a table's scores span orders of "
+            "magnitude); the dashed line is the calibrated threshold, the outline the held-out "
+            "normal rows it was calibrated on.",
+            tf.score_distribution,
+        ),
+        "most_anomalous.png": (
+            "The highest scores. " + text,
+            lambda c: tf.contributions(c, np.argsort(-c.result.score), "Most anomalous rows"),
+        ),
+        "most_normal.png": (
+            "The lowest scores, shown the same way.",
+            lambda c: tf.contributions(c, np.argsort(c.result.score), "Most normal rows"),
+        ),
+        "false_positives.png": ("Normal rows flagged, highest score first.", tf.false_positives),
+        "false_negatives.png": ("Anomalies let through, lowest first.", tf.false_negatives),
+        "prior_samples.png": ("", tf.not_for_tables),
+        "latent_interpolation.png": ("", tf.not_for_tables),
+    }
+    out = []
+    for name, title, text_, draw in plans:
+        if name in replace_by:
+            new_text, new_draw = replace_by[name]
+            out.append((name, title, new_text or text_, new_draw))
+        else:
+            out.append((name, title, text_, draw))
+    return out
 
 
 # -- the page ---------------------------------------------------------------------------------

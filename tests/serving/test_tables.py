@@ -342,3 +342,20 @@ def test_explain_needs_a_table_model(trained, tmp_path: Path) -> None:  # type: 
         score_files(
             trained.detector, [tmp_path / "x.npy"], tmp_path / "o.csv", BatchOptions(explain=True)
         )
+
+
+def test_report_has_a_tabular_mode(table_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.report import build
+
+    det = Detector.load(table_model[0])
+    df = _table(60, seed=5)
+    df.loc[:9, "income"] = 20000.0  # ten rows far off: they lead the most-anomalous heat map
+    df.to_csv(tmp_path / "r.csv", index=False)
+    from training.data import load_table_rows
+
+    x, _ = load_table_rows(tmp_path / "r.csv", det.input_spec.schema)  # type: ignore[arg-type]
+    y = np.r_[np.ones(10), np.zeros(50)]
+    rep = build(det, x, tmp_path / "rep", is_anomaly=y)
+    names = {p.name for p in rep.figures}
+    assert {"score_distribution.png", "most_anomalous.png", "most_normal.png"} <= names
+    assert "prior_samples.png" in rep.skipped and "latent_interpolation.png" in rep.skipped

@@ -169,8 +169,17 @@ def add_scored_data_args(p: argparse.ArgumentParser, labels_help: str) -> None:
     p.add_argument(
         "--dataset", help="mnist, fashion-mnist or digits (default: the artifact's own data set)"
     )
-    p.add_argument("--data", help=".npy / .csv samples (instead of --dataset)")
+    p.add_argument(
+        "--data",
+        help=".npy / .csv / .parquet samples (instead of --dataset); a table model reads its "
+        "columns by name",
+    )
     p.add_argument("--labels", help=labels_help)
+    p.add_argument(
+        "--label-column",
+        help="a table's column holding the labels (instead of --labels; 0/1, or classes with "
+        "--normal-class)",
+    )
     p.add_argument("--normal-class", type=int, help="normal class (default: the artifact's)")
     p.add_argument("--data-dir", help="folder with MNIST IDX files")
     p.add_argument("--target-fpr", type=float, help="re-threshold the calibration for this FPR")

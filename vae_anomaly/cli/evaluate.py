@@ -84,18 +84,30 @@ def _labelled_data(
     ``--data`` with ``--labels`` (0/1, or class labels with ``--normal-class``); ``report`` also
     takes ``--data`` alone.
     """
-    from training.data import load_array, load_dataset
+    from training.data import load_array, load_dataset, load_table_rows
 
     provenance = det.metadata.get("config", {}).get("data", {})
+    if args.label_column and (args.labels or det.input_spec.schema is None or not args.data):
+        raise InputError(
+            "--label-column names a column of a table model's --data, not with --labels"
+        )
     if args.data:
         if args.dataset:
             raise InputError("give --dataset or --data, not both")
-        x = load_array(args.data)
-        if not args.labels:
+        column_labels = None
+        if det.input_spec.schema is not None:
+            x, column_labels = load_table_rows(
+                Path(args.data), det.input_spec.schema, label_column=args.label_column
+            )
+        else:
+            x = load_array(args.data)
+        if not args.labels and column_labels is None:
             if need_labels:
-                raise InputError("--data needs --labels (1 = anomalous, 0 = normal)")
+                raise InputError(
+                    "--data needs --labels (1 = anomalous, 0 = normal), or --label-column"
+                )
             return x, None, None, args.data
-        y = _load_labels(args.labels, x.shape[0])
+        y = column_labels if column_labels is not None else _load_labels(args.labels, len(x))
         labels = None
         if args.normal_class is not None:
             labels = y.astype(np.int64)
