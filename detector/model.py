@@ -172,6 +172,7 @@ class VAE(nn.Module):
     cat_index: torch.Tensor  # (blocks, largest block): each block's feature indices, padded
     cat_pad: torch.Tensor  # (blocks, largest block): True where padded
     cat_start: torch.Tensor  # (blocks,): each block's first feature
+    missing_nats: torch.Tensor  # tables: what a missing cell counts, its typical term (saved)
     log_sigma: nn.Parameter | None
 
     def __init__(self, config: VAEConfig) -> None:
@@ -205,6 +206,9 @@ class VAE(nn.Module):
             self.register_buffer(
                 "cat_start", torch.tensor([s for s, _ in config.categorical]), persistent=False
             )
+            # a missing cell counts its column's typical term on the training rows (set after
+            # training): rows with more unknown cells must not score lower for it
+            self.register_buffer("missing_nats", torch.zeros(config.n_features))
 
     # -- preprocessing ----------------------------------------------------------------------
     @torch.no_grad()
@@ -254,9 +258,10 @@ class VAE(nn.Module):
         """A table's -log p(x | z) per feature, in nats of the raw values: (B, features).
 
         Numeric features: the Gaussian's terms. A categorical block: its softmax surprise at the
-        block's first feature (0 at the others), ``unseen_nats`` for an all-zero block. Missing
-        cells (NaN) count 0. ``detector.schema.TableSchema.column_contributions`` sums them per
-        column.
+        block's first feature (0 at the others), ``unseen_nats`` for an all-zero block. A missing
+        cell (NaN) counts its column's typical term (``missing_nats``, the mean over the
+        training rows): neither a perfect fit (0) nor an anomaly. ``detector.schema.TableSchema.
+        column_contributions`` sums them per column.
         """
         if not self.config.is_table:
             xs = self._prepare(x)
@@ -279,21 +284,37 @@ class VAE(nn.Module):
             seen = onehot.sum(-1) > 0
             surprise = torch.where(seen, surprise, self.config.unseen_nats)
             terms = terms.index_add(1, self.cat_start, surprise)
-        return torch.where(observed, terms, 0.0)
+        return torch.where(observed, terms, self.missing_nats)
+
+    @torch.no_grad()
+    def set_missing_nats(self, x: torch.Tensor, batch_size: int = 1024) -> None:
+        """Each feature's mean term over the observed cells of rows ``x`` (training rows): what
+        a missing cell will count."""
+        total = torch.zeros_like(self.missing_nats, dtype=torch.float64)
+        count = torch.zeros_like(total)
+        self.missing_nats.zero_()
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(self.missing_nats.device)
+            mu, _ = self.encode(xb)
+            observed = ~torch.isnan(xb.reshape(xb.shape[0], -1))
+            terms = self.nll_features(xb, self.decode(mu))
+            total += torch.where(observed, terms, 0.0).sum(0).double()
+            count += observed.sum(0).double()
+        self.missing_nats.copy_((total / count.clamp_min(1)).float())
 
     def surprise_features(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """A table's per-feature -log p(x | z) above its best case, in nats: (B, features).
 
         A numeric cell's 0.5 * ((x - mean) / sigma)^2 in standardised units (its Gaussian term
         less the constant the cell pays even when predicted exactly), a categorical block's
-        surprise; 0 for missing cells. Comparable across columns of any scale: what
+        surprise; 0 for a missing cell. Comparable across columns of any scale: what
         ``detector.explain`` ranks columns by."""
         terms = self.nll_features(x, params)
         constant = (
             self._log_sigma(params) + 0.5 * _LOG_2PI + torch.log(self.feature_scale)
         ) * self.numeric_mask
         observed = ~torch.isnan(x.reshape(params.shape))
-        return terms - torch.where(observed, constant, 0.0)
+        return torch.where(observed, terms - constant, 0.0)
 
     def _log_sigma(self, like: torch.Tensor) -> torch.Tensor:
         if self.log_sigma is not None:

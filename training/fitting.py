@@ -49,7 +49,10 @@ def fit_model(
             torch.from_numpy(x_train.mean(axis=0)),
             torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
         )
-    return fit(vae, x_train, x_val, train, progress=progress, desc=desc)
+    result = fit(vae, x_train, x_val, train, progress=progress, desc=desc)
+    if cfg.is_table:  # what a missing cell will count: its column's typical term
+        result.model.set_missing_nats(torch.from_numpy(flat(x_train, cfg)))
+    return result
 
 
 def cross_fit_calibration(

@@ -99,7 +99,7 @@ _KERNLAB: dict[str, tuple[str, str]] = {  # set -> (label column, anomalous labe
     "spam": ("type", "spam"),
     "musk": ("Class", "1"),
     "ticdata": ("CARAVAN", "insurance"),
-    "income": ("INCOME", "[75.000-"),
+    "income": ("INCOME", "-10.000)"),
 }
 
 
@@ -172,8 +172,9 @@ TABULAR_SETS: dict[str, _Entry] = {
         lambda: _kernlab("ticdata"),
     ),
     "income": _Entry(
-        "households with an income of 75,000 or more are anomalous (884), the rest normal "
-        "(8,109); 13 categorical features, 23.5 % of the rows with a missing cell",
+        "households with an income under 10,000 (mostly teenagers living with their family) are "
+        "anomalous (1,745), the rest normal (7,248); 13 categorical features, 23.5 % of the "
+        "rows with a missing cell",
         "r-cran-kernlab income.rda (Impact Resources' marketing survey, ESL's income data)",
         lambda: _kernlab("income"),
     ),
