@@ -13,6 +13,7 @@ from detector.model import VAE, VAEConfig
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import Calibration
+from training.augment import make_augmentation
 from training.calibrate import neighbour_setup
 from training.data import Split
 from training.train import TrainConfig, TrainResult, fit
@@ -31,7 +32,10 @@ def fit_model(
     in_unit: bool,
     progress: bool | None,
     desc: str,
+    sample_shape: tuple[int, ...] = (),
 ) -> TrainResult:
+    """Fit one VAE: standardisation from the training rows, the data's augmentation
+    (``training.augment``; ``sample_shape`` is the data's own, e.g. (1, 28, 28))."""
     torch.manual_seed(train.seed)
     vae = VAE(cfg)
     if cfg.is_table:
@@ -49,7 +53,8 @@ def fit_model(
             torch.from_numpy(x_train.mean(axis=0)),
             torch.from_numpy(np.where(std > 1e-8, std, 1.0).astype(np.float32)),
         )
-    result = fit(vae, x_train, x_val, train, progress=progress, desc=desc)
+    augment = make_augmentation(train.augment, sample_shape, is_table=cfg.is_table, seed=train.seed)
+    result = fit(vae, x_train, x_val, train, progress=progress, desc=desc, augment=augment)
     if cfg.is_table:  # what a missing cell will count: its column's typical term
         result.model.set_missing_nats(torch.from_numpy(flat(x_train, cfg)))
     return result
@@ -91,6 +96,7 @@ def cross_fit_calibration(
             in_unit,
             progress,
             f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
+            sample_shape=spec.shape,
         )
         reference, weight = neighbour_setup(
             fold.model,

@@ -255,7 +255,16 @@ def train_detector(
 
     x_train = flat(split.x_train, cfg)
     log.info("training %s VAE on %d normal samples (%s)", cfg.architecture, len(x_train), device)
-    result = fit_model(cfg, x_train, flat(split.x_val, cfg), train, in_unit, progress, "training")
+    result = fit_model(
+        cfg,
+        x_train,
+        flat(split.x_val, cfg),
+        train,
+        in_unit,
+        progress,
+        "training",
+        sample_shape=ds.sample_shape,
+    )
     cap = (
         complexity_cap(
             split.x_val,

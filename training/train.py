@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from detector.detector import resolve_device
 from detector.errors import ConfigError
 from detector.model import VAE
 from detector.score import elbo_score, training_loss
+from training.augment import AUGMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class TrainConfig:
     patience: int = 5  # epochs without validation improvement before stopping; 0 = never stop
     min_delta: float = 1e-3  # relative improvement of validation -ELBO that counts
     kl_warmup_epochs: int = 0  # beta rises linearly from 0 to the model's beta over these epochs
+    # images: half of each batch shifted by up to one pixel (training.augment); auto = for
+    # images, none for tables. MNIST one-vs-rest 98.68 -> 98.9 (docs/experiments.md)
+    augment: str = "auto"
     seed: int = 0
     device: str = "auto"
 
@@ -53,6 +58,10 @@ class TrainConfig:
             raise ConfigError(f"patience must be >= 0, got {self.patience}")
         if self.min_steps < 0:
             raise ConfigError(f"min_steps must be >= 0, got {self.min_steps}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(
+                f"unknown augmentation {self.augment!r}; choose one of {AUGMENTATIONS}"
+            )
         if self.kl_warmup_epochs < 0:
             raise ConfigError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
 
@@ -103,6 +112,7 @@ def fit(
     *,
     progress: bool | None = None,
     desc: str = "training",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``x_train`` (normal data only); early-stop on ``x_val`` -ELBO.
 
@@ -143,6 +153,8 @@ def fit(
             for step in range(steps):
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 xb = xt[idx].to(device, non_blocking=True)
+                if augment is not None:
+                    xb = augment(xb)
                 beta = kl_weight(epoch, step, steps, cfg.kl_warmup_epochs, model.config.beta)
                 loss, recon, kl = training_loss(model, xb, beta)
                 opt.zero_grad(set_to_none=True)

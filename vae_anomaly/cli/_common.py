@@ -159,6 +159,13 @@ def add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
         default=tc.kl_warmup_epochs,
         help="epochs of linear KL warm-up (0 = off)",
     )
+    g.add_argument(
+        "--augment",
+        choices=["auto", "none", "shift"],
+        default=tc.augment,
+        help="shift: half of each training batch moved by up to one pixel (images); auto: shift "
+        "for images, none for tables and flat features",
+    )
     g.add_argument("--seed", type=int, default=tc.seed, help="seed of weights and batch order")
     g.add_argument("--device", default=tc.device, help="auto, cpu or cuda[:N]")
 
@@ -223,6 +230,7 @@ def train_config(args: argparse.Namespace, **override: Any) -> Any:
         patience=args.patience,
         min_steps=args.min_steps,
         kl_warmup_epochs=args.kl_warmup,
+        augment=args.augment,
         seed=args.seed,
         device=args.device,
     )
