@@ -56,18 +56,33 @@ def test_kernlab_tables_name_the_package_when_missing(
 
 
 @pytest.mark.parametrize(
-    ("name", "n_normal", "n_anomalous", "n_features"),
-    [("spam", 2788, 1813, 57), ("musk", 269, 207, 166), ("ticdata", 9236, 586, 85)],
+    ("name", "n_normal", "n_anomalous", "n_columns", "n_categorical", "n_encoded", "missing"),
+    [
+        ("spam", 2788, 1813, 57, 0, 57, False),
+        ("musk", 269, 207, 166, 0, 166, False),
+        ("ticdata", 9236, 586, 85, 62, 565, False),
+        ("income", 7248, 1745, 13, 13, 75, True),
+    ],
 )
 def test_kernlab_tables_when_installed(
-    name: str, n_normal: int, n_anomalous: int, n_features: int
+    name: str,
+    n_normal: int,
+    n_anomalous: int,
+    n_columns: int,
+    n_categorical: int,
+    n_encoded: int,
+    missing: bool,
 ) -> None:
+    """Each table read as a user's: factors categorical (one-hot), NA cells missing (NaN)."""
     if not (T.kernlab_dir() / f"{name}.rda").is_file():
         pytest.skip("Debian's r-cran-kernlab is not installed")
     ts = T.load_tabular(name)
-    assert ts.x_normal.shape == (n_normal, n_features)
-    assert ts.x_anomalous.shape == (n_anomalous, n_features)
-    assert np.isfinite(ts.x_normal).all()
+    assert ts.schema is not None and len(ts.schema.columns) == n_columns
+    assert sum(c.kind == "categorical" for c in ts.schema.columns) == n_categorical
+    assert ts.x_normal.shape == (n_normal, n_encoded)
+    assert ts.x_anomalous.shape == (n_anomalous, n_encoded)
+    assert bool(np.isnan(ts.x_normal).any()) == missing
+    assert np.isfinite(ts.x_normal[~np.isnan(ts.x_normal)]).all()
 
 
 def test_fashion_mnist_is_checked_like_mnist(tmp_path: Path) -> None:
