@@ -95,3 +95,16 @@ def test_library_modules_stay_readable() -> None:
         if (n := len(p.read_text().splitlines())) > 450
     }
     assert long == {}
+
+
+def test_one_csv_reader() -> None:
+    """User files are parsed by pyarrow in two places that share detector.tables' layout rules
+    (the whole-file reader and batch scoring's block reader); no pandas or other parser."""
+    parsers = {}
+    for package in ("detector", "training", "serving"):
+        for p in (ROOT / package).rglob("*.py"):
+            text = p.read_text()
+            if re.search(r"\bread_csv\(|import pandas|from pandas", text):
+                parsers[str(p.relative_to(ROOT))] = True
+    assert sorted(parsers) == ["detector/tables.py", "serving/batch/csv_reader.py"]
+    assert "sniff_csv" in (ROOT / "serving/batch/csv_reader.py").read_text()
