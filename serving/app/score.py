@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 
 from detector.detector import DetectionResult
-from detector.errors import VAEAnomalyError
+from detector.errors import InputError, VAEAnomalyError
 from detector.explain import explain_rows
 from detector.spec import validate_samples
 from serving.app.asgi import (
@@ -131,6 +131,12 @@ class ScoreEndpoint:
             arr = np.clip(arr.astype(np.float32), spec.value_range[0], spec.value_range[1])
         x = validate_samples(arr, spec, name="instances")
         parts, used = await state.batcher.submit(x)
+        infinite = np.flatnonzero(~np.isfinite(parts["score"]))
+        if infinite.size:  # never answer inf or null: the input is beyond the model's numbers
+            raise InputError(
+                f"instance {int(infinite[0])}: the score is not a finite number: the values are "
+                "too far outside the training data"
+            )
         cal = used.calibration
         assert cal is not None  # a served detector is always calibrated
         if opts.target_fpr is not None:

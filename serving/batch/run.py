@@ -158,7 +158,7 @@ def _local(
     for f in files:
         for block in read_blocks(f, detector.input_spec, opts, rejects):
             if len(block.rows):
-                yield score_block(detector, block, explain=opts.explain)
+                yield score_block(detector, block, explain=opts.explain, rejects=rejects)
 
 
 def _write(writer: Writer, table: pa.Table | None, out: Path) -> None:

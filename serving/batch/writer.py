@@ -13,20 +13,49 @@ import pyarrow.parquet as pq
 from detector.detector import DetectionResult, Detector
 from detector.errors import DataError
 from detector.explain import explain_rows
-from serving.batch.options import RESULT_COLUMNS, TABLE_COLUMNS, Block
+from serving.batch.options import RESULT_COLUMNS, TABLE_COLUMNS, Block, RowError
 
 OUTPUT_COLUMNS = (*RESULT_COLUMNS, *TABLE_COLUMNS)
+INFINITE = "the score is not a finite number: the values are too far outside the training data"
+
+
+def _drop_infinite(
+    block: Block, parts: dict[str, np.ndarray], finite: np.ndarray, rejects: Any
+) -> tuple[Block, dict[str, np.ndarray]]:
+    bad = np.flatnonzero(~finite)
+    if rejects is None:
+        raise RowError(f"{block.source}, row {int(block.rows[bad[0]])}: {INFINITE}")
+    for i in bad.tolist():
+        rejects.add(block.source, f"row {int(block.rows[i])}", INFINITE)
+    keep = pa.array(finite)
+    kept = Block(
+        block.source,
+        block.rows[finite],
+        block.x[finite],
+        {k: v.filter(keep) for k, v in block.extra.items()},
+    )
+    return kept, {k: v[finite] for k, v in parts.items()}
 
 
 # -- scoring and writing ------------------------------------------------------------------------
-def score_block(detector: Detector, block: Block, *, explain: bool = False) -> pa.Table:
+def score_block(
+    detector: Detector, block: Block, *, explain: bool = False, rejects: Any = None
+) -> pa.Table:
     """The output rows of one block: source, row, id / pass-through columns, score parts; for a
     table model the missing and unseen cells per row, and with ``explain`` the top columns and
-    each column's contribution in nats (``detector.explain``)."""
+    each column's contribution in nats (``detector.explain``).
+
+    A row whose score is not a finite number (values so far outside the training data that the
+    arithmetic overflows) is never written: it goes to ``rejects`` (``Rejects.add``), or ends the
+    run with an error naming it."""
     cal = detector.require_calibration()
     n = len(block.rows)
     if n:
         parts = detector.score_validated(block.x.reshape(n, *detector.input_spec.shape))
+        finite = np.isfinite(parts["score"])
+        if not finite.all():
+            block, parts = _drop_infinite(block, parts, finite, rejects)
+            n = len(block.rows)
         result = DetectionResult.from_parts(parts, cal).columns()
     else:
         result = {

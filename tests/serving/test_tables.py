@@ -361,3 +361,27 @@ def test_report_has_a_tabular_mode(table_model: tuple[Path, Path], tmp_path: Pat
     names = {p.name for p in rep.figures}
     assert {"score_distribution.png", "most_anomalous.png", "most_normal.png"} <= names
     assert "prior_samples.png" in rep.skipped and "latent_interpolation.png" in rep.skipped
+
+
+def test_an_infinite_score_is_never_written(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An image model without a value range (a .npy of images) can overflow on absurd values:
+    the row is rejected, never written as inf."""
+    from serving.batch import writer
+    from serving.batch.options import Block, RowError
+
+    det = trained.detector
+    x = np.full((3, 64), 0.5, np.float32)
+    block = Block("f.npy", np.arange(3), x)
+    parts = det.score_validated(x.reshape(3, *det.input_spec.shape))
+    parts["score"][1] = np.inf  # what an overflow gives
+    with pytest.raises(RowError, match="f.npy, row 1: the score is not a finite number"):
+        writer._drop_infinite(block, parts, np.isfinite(parts["score"]), None)
+    seen: list[tuple[str, str, str]] = []
+
+    class Collect:
+        def add(self, *a: str) -> None:
+            seen.append(a)
+
+    kept, kept_parts = writer._drop_infinite(block, parts, np.isfinite(parts["score"]), Collect())
+    assert kept.rows.tolist() == [0, 2] and np.isfinite(kept_parts["score"]).all()
+    assert seen == [("f.npy", "row 1", writer.INFINITE)]
