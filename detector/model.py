@@ -24,7 +24,8 @@ Tables (``detector.schema``) add two things to the Gaussian likelihood: ``catego
 the input are one-hot columns, whose likelihood is a softmax over the block's logits (the
 category's surprise, -log p, in nats; an all-zero block is a category unseen in training and
 costs ``unseen_nats``), and ``masked`` inputs may hold NaN for a missing cell, which the encoder
-reads as the training mean and the likelihood leaves out (the density of the observed cells).
+reads as the training mean and the likelihood counts as the column's typical term on the training
+rows (``missing_nats``): neither an anomaly nor a perfect fit.
 
 The config travels with the weights in the artifact (cf. nanoGPT's ``GPTConfig`` / ``model_args``),
 so ``VAE(VAEConfig(**saved))`` rebuilds the exact network.
