@@ -246,6 +246,23 @@ class TableSchema:
             for n, c in zip(file_names, self.columns, strict=True)
         }
 
+    def check_kinds(
+        self, data: Sequence[pa.Array | pa.ChunkedArray], source: str, *, min_values: int = 5
+    ) -> None:
+        """Refuse a file whose categorical column now holds only numbers where the model learnt
+        words (a column retyped, or columns swapped under the same names): every value would
+        otherwise score as an unseen category. Called on a file's first rows."""
+        for col, values in zip(self.columns, data, strict=True):
+            if col.kind != CATEGORICAL or any(_is_number(c) for c in col.categories):
+                continue
+            text = [v for v in _as_text(values).to_pylist() if v is not None]
+            if len(text) >= min_values and all(_is_number(v) for v in text):
+                shown = ", ".join(repr(c) for c in col.categories[:3])
+                raise InputError(
+                    f"{source}: column {col.name!r} holds numbers, but the model learnt it as "
+                    f"categories ({shown}, ...); was it retyped?"
+                )
+
     def cell_counts(
         self, x: npt.NDArray[np.float32]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -292,7 +309,8 @@ class TableSchema:
                     f"standard deviations from the training mean ({col.mean:g} +- {col.std:g})"
                 )
             bad |= far
-            x[:, o] = v
+            with np.errstate(over="ignore"):  # beyond float32: a refused row anyway
+                x[:, o] = v
         return Encoded(x, missing, unseen, bad, reasons)
 
     def screen(self, x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.bool_], dict[int, str]]:
@@ -324,6 +342,14 @@ class TableSchema:
     def column_contributions(self, per_feature: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
         """Per-feature terms (N, n_encoded) summed per column: (N, n_columns)."""
         return np.add.reduceat(per_feature, self.offsets, axis=1)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

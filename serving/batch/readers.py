@@ -75,6 +75,8 @@ class Columns:
         named = {opts.id_column, *opts.passthrough}
         self.extra = [c for c in [opts.id_column, *opts.passthrough] if c]
         self.names = names
+        self.source = source
+        self._kinds_checked = False
         self.schema = spec.schema
         if spec.schema is not None:  # a table model: its columns by name (or by position)
             self.features = spec.schema.match(names, source, others=self.extra)
@@ -93,8 +95,12 @@ class Columns:
             )
 
     def encode(self, columns: list[pa.ChunkedArray | pa.Array]) -> Encoded:
-        """A table model's rows from its feature columns (in ``features`` order)."""
+        """A table model's rows from its feature columns (in ``features`` order); the file's
+        first rows are checked for retyped columns first."""
         assert self.schema is not None
+        if not self._kinds_checked:
+            self.schema.check_kinds(columns, self.source)
+            self._kinds_checked = True
         return self.schema.encode(columns)
 
 

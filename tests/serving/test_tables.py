@@ -374,7 +374,7 @@ def test_an_infinite_score_is_never_written(trained, tmp_path: Path) -> None:  #
     block = Block("f.npy", np.arange(3), x)
     parts = det.score_validated(x.reshape(3, *det.input_spec.shape))
     parts["score"][1] = np.inf  # what an overflow gives
-    with pytest.raises(RowError, match="f.npy, row 1: the score is not a finite number"):
+    with pytest.raises(RowError, match=r"f\.npy, row 1: the score is not a finite number"):
         writer._drop_infinite(block, parts, np.isfinite(parts["score"]), None)
     seen: list[tuple[str, str, str]] = []
 
@@ -385,3 +385,12 @@ def test_an_infinite_score_is_never_written(trained, tmp_path: Path) -> None:  #
     kept, kept_parts = writer._drop_infinite(block, parts, np.isfinite(parts["score"]), Collect())
     assert kept.rows.tolist() == [0, 2] and np.isfinite(kept_parts["score"]).all()
     assert seen == [("f.npy", "row 1", writer.INFINITE)]
+
+
+def test_a_categorical_column_now_numbers_is_refused(table_model: tuple[Path, Path]) -> None:
+    model, root = table_model
+    df = _table(40, seed=6)
+    df["channel"] = np.arange(40) % 3  # codes where the model learnt words
+    df.to_csv(root / "codes.csv", index=False)
+    with pytest.raises(InputError, match="column 'channel' holds numbers, but the model learnt"):
+        _score(model, root / "codes.csv", root / "codes_out.csv")
