@@ -33,7 +33,7 @@ from serving.batch.options import (
     Summary,
 )
 from serving.batch.readers import Rejects, read_blocks, read_npy
-from serving.batch.run import peak_rss_mb, score_files
+from serving.batch.run import drift_files, peak_rss_mb, score_files
 from serving.batch.writer import Writer, score_block
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Summary",
     "Writer",
     "check_output",
+    "drift_files",
     "expand_inputs",
     "peak_rss_mb",
     "read_blocks",

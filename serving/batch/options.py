@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
 from detector.detector import DetectionResult
+from detector.drift import DEFAULT_ALPHA
 from detector.errors import DataError, InputError
 
 INPUT_SUFFIXES = (".npy", ".csv", ".parquet")
@@ -33,6 +35,7 @@ class BatchOptions:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     overwrite: bool = False
     explain: bool = False  # a table model's per-column contributions and top columns
+    drift_alpha: float = DEFAULT_ALPHA  # the drift test's false-alarm bound (detector.drift)
 
     def validate(self) -> None:
         if not self.scale > 0 or not math.isfinite(self.scale):
@@ -43,6 +46,8 @@ class BatchOptions:
             raise InputError(f"on_error must be stop or skip, got {self.on_error!r}")
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise InputError(f"the delimiter must be one character, got {self.delimiter!r}")
+        if not 0.0 < self.drift_alpha < 1.0:
+            raise InputError(f"the drift alpha must be in (0, 1), got {self.drift_alpha}")
         if self.chunk_rows < 1:
             raise InputError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         named = [*([self.id_column] if self.id_column else []), *self.passthrough]
@@ -78,6 +83,7 @@ class Summary:
     peak_rss_mb: float
     rejects_file: str | None
     engine: str = "local"
+    drift: dict[str, Any] = field(default_factory=dict)  # detector.drift.DriftTest.summary()
 
     def lines(self) -> list[str]:
         out = [
@@ -88,8 +94,25 @@ class Summary:
         ]
         if self.rejected:
             out.append(f"rejected: {self.rejected:,} malformed rows, see {self.rejects_file}")
+        if self.drift:
+            out.append(drift_line(self.drift))
         out.append(f"wrote {self.output}")
         return out
+
+
+def drift_line(d: dict[str, Any]) -> str:
+    """The drift test's verdict in one line (``detector.drift``)."""
+    ks = f"KS statistic {d['ks_statistic']:.3f} (p = {d['ks_p_value']:.2g})"
+    if d["alarm"]:
+        return (
+            f"drift: the rows stop looking like the calibration data from about row "
+            f"{d['first_alarm_at_row']:,} (test martingale past 1/alpha = {1 / d['alpha']:g}; "
+            f"false-alarm probability <= {d['alpha']:g}); {ks}"
+        )
+    return (
+        f"drift: none detected (test martingale at most e^{d['log_martingale_max']:.2f}, alarm "
+        f"at 1/alpha = {1 / d['alpha']:g}); {ks}"
+    )
 
 
 class RowError(DataError):

@@ -96,7 +96,71 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     g.add_argument(
         "--ray-cpus-per-actor", type=float, default=1.0, help="CPUs reserved by each actor"
     )
+    sc.add_argument(
+        "--drift-alpha",
+        type=float,
+        default=0.01,
+        help="false-alarm bound of the drift test written to the summary (see `drift`)",
+    )
     sc.set_defaults(handler=run_score)
+
+    # -- drift --------------------------------------------------------------------------------
+    dr = sub.add_parser(
+        "drift",
+        help="do these files still look like the calibration data? (a test with a known "
+        "false-alarm rate)",
+        description="Score the rows of the files in order, nothing written, and test whether "
+        "they look exchangeable with the model's calibration data: a conformal test martingale "
+        "over the rows' p-values (Vovk et al.'s Simple Jumper) raises the alarm when it reaches "
+        "1/alpha, which rows exchangeable with the calibration data do with probability at most "
+        "alpha, however many rows there are; and the Kolmogorov-Smirnov statistic of all their "
+        "scores against the calibration scores. Exits 0 either way; --fail-on-drift exits 3 on "
+        "an alarm. `score` writes the same test to its summary.",
+        formatter_class=fmt,
+    )
+    dr.add_argument("--model", required=True, help="artifact directory")
+    dr.add_argument("inputs", nargs="+", metavar="INPUT", help=".npy, .csv or .parquet files")
+    dr.add_argument("--alpha", type=float, default=0.01, help="false-alarm bound of the test")
+    dr.add_argument("--scale", type=float, default=1.0, help="divide inputs by this first")
+    dr.add_argument("--header", choices=["auto", "yes", "no"], default="auto", help="CSV header")
+    dr.add_argument("--delimiter", help="CSV delimiter (default: sniffed)")
+    dr.add_argument(
+        "--passthrough",
+        type=lambda v: tuple(c for c in v.split(",") if c),
+        default=(),
+        help="comma-separated columns that are not features",
+    )
+    dr.add_argument("--json", action="store_true", help="print the result as JSON")
+    dr.add_argument("--fail-on-drift", action="store_true", help="exit 3 when the test alarms")
+    dr.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    dr.set_defaults(handler=run_drift)
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    import json
+
+    from detector.detector import Detector
+    from serving.batch import BatchOptions, drift_files, expand_inputs
+    from serving.batch.options import drift_line
+
+    opts = BatchOptions(
+        scale=args.scale,
+        header=args.header,
+        delimiter=args.delimiter,
+        passthrough=args.passthrough,
+        drift_alpha=args.alpha,
+    )
+    det = Detector.load(args.model, device=args.device)
+    result = drift_files(det, expand_inputs(args.inputs), opts)
+    if args.json:
+        echo(json.dumps(result, indent=2))
+    else:
+        echo(
+            f"{result['rows']:,} rows from {len(result['inputs'])} file(s)"
+            + (f", {result['rejected']:,} malformed rows skipped" if result["rejected"] else "")
+        )
+        echo(drift_line(result))
+    return 3 if args.fail_on_drift and result["alarm"] else 0
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -111,6 +175,7 @@ def run_score(args: argparse.Namespace) -> int:
         header=args.header,
         delimiter=args.delimiter,
         explain=args.explain,
+        drift_alpha=args.drift_alpha,
         on_error=args.on_error,
         chunk_rows=args.chunk_rows,
         overwrite=args.overwrite,

@@ -1,0 +1,184 @@
+"""Does the scored data still look like the calibration data? A conformal test martingale.
+
+The calibration scores are the detector's picture of normal data. For a scored row with score s,
+the smoothed conformal p-value against the n calibration scores::
+
+    p = (#{cal > s} + U * (#{cal == s} + 1)) / (n + 1),      U ~ Uniform(0, 1)
+
+is uniform on [0, 1] when the row is exchangeable with the calibration rows. A *betting
+martingale* over the stream of p-values (Vovk, Petej, Nouretdinov, Ahlberg, Carlsson and
+Gammerman, "Retrain or not retrain: conformal test martingales for change-point detection",
+COPA 2021: the Simple Jumper) grows when the p-values stop being uniform: it holds its capital on
+three bets, f(p) = 1 + e (p - 1/2) for e in {-1, 0, +1} (small p-values, i.e. scores drifting
+up; no bet; large p-values, scores drifting down) and moves a share ``jump`` of it between them
+at every step, so it follows a change that starts late. By Ville's inequality, a nonnegative
+martingale that starts at 1 ever reaches 1/alpha with probability at most alpha: an alarm at
+log M >= log(1 / alpha) is a false alarm with probability at most alpha, however long the stream.
+
+The p-values are *online* (Vovk's conformal test martingales): each scored row joins the
+reference bag after its own p-value is computed, so row k is ranked among the calibration scores
+and the k - 1 rows before it. Then the p-values are independent and exactly uniform under
+exchangeability, and Ville's bound holds for a stream of any length. Against the fixed
+calibration set alone they would not be: given that set, the p-values follow its sample
+distribution, and over long streams the martingale learns its quirks (measured: 24 % false
+alarms at alpha = 5 % with 300 calibration rows and 10,000 scored rows; online, 1.5 %). The bag
+costs a sorted list of every score seen (``sortedcontainers``; about 5 microseconds a row).
+
+A two-sample Kolmogorov-Smirnov statistic of a window of scores against the calibration scores
+says how far the distributions are apart (0 = identical, 1 = disjoint), for dashboards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+DEFAULT_ALPHA = 0.01
+DEFAULT_JUMP = 0.01
+
+
+class OnlineConformal:
+    """Smoothed p-values of a stream against the calibration scores and the stream's own past."""
+
+    def __init__(self, calibration: npt.ArrayLike, seed: int = 0) -> None:
+        from sortedcontainers import SortedList
+
+        self.bag = SortedList(np.asarray(calibration, np.float64).ravel().tolist())
+        self.rng = np.random.default_rng(seed)
+
+    def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Each score's p-value, then the score joins the bag (in order)."""
+        bag = self.bag
+        s = np.asarray(scores, np.float64).ravel()
+        u = self.rng.random(s.size).tolist()
+        out = np.empty(s.size, np.float64)
+        for k, v in enumerate(s.tolist()):
+            n = len(bag)
+            hi = bag.bisect_right(v)
+            lo = bag.bisect_left(v)
+            out[k] = ((n - hi) + u[k] * (hi - lo + 1)) / (n + 1)
+            bag.add(v)
+        return out
+
+
+def smoothed_p_values(
+    scores: npt.ArrayLike, calibration_sorted: npt.NDArray[np.float64], rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """Smoothed conformal p-values of ``scores`` against sorted calibration scores."""
+    s = np.asarray(scores, np.float64)
+    n = calibration_sorted.size
+    above = n - np.searchsorted(calibration_sorted, s, side="right")
+    ties = np.searchsorted(calibration_sorted, s, side="right") - np.searchsorted(
+        calibration_sorted, s, side="left"
+    )
+    return np.asarray((above + rng.random(s.shape) * (ties + 1)) / (n + 1), np.float64)
+
+
+@dataclass
+class SimpleJumper:
+    """Vovk et al.'s Simple Jumper betting martingale, kept in log space."""
+
+    jump: float = DEFAULT_JUMP
+    level: float = math.inf  # log alarm level: ``first_crossing`` records when it is reached
+    log_value: float = 0.0  # log M_n
+    log_max: float = 0.0  # the largest log M_n so far
+    n: int = 0
+    first_crossing: int | None = None  # the p-value (1-based) at which log M first hit level
+    # the share of the capital on each bet e = -1, 0, +1 (they sum to 1)
+    _shares: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jump <= 1.0:
+            raise ValueError(f"jump must be in [0, 1], got {self.jump}")
+
+    def update(self, p_values: npt.ArrayLike) -> float:
+        """Bet on each p-value in turn; returns log M after the last."""
+        j = self.jump
+        a, b, c = self._shares
+        log_value, log_max = self.log_value, self.log_max
+        level, crossed = self.level, self.first_crossing
+        for k, p in enumerate(np.asarray(p_values, np.float64).ravel().tolist()):
+            third = j / 3.0  # the shares sum to 1: each gets J/3 of the whole
+            a, b, c = (1 - j) * a + third, (1 - j) * b + third, (1 - j) * c + third
+            d = p - 0.5
+            a, c = a * (1.0 - d), c * (1.0 + d)
+            total = a + b + c
+            log_value += math.log(total)
+            a, b, c = a / total, b / total, c / total
+            if log_value > log_max:
+                log_max = log_value
+                if crossed is None and log_value >= level:
+                    crossed = self.n + k + 1
+        self.first_crossing = crossed
+        self._shares = [a, b, c]
+        self.log_value, self.log_max = log_value, log_max
+        self.n += int(np.size(p_values))
+        return log_value
+
+    def reset(self) -> None:
+        self.log_value = self.log_max = 0.0
+        self.n = 0
+        self.first_crossing = None
+        self._shares = [1 / 3, 1 / 3, 1 / 3]
+
+
+def alarm_level(alpha: float = DEFAULT_ALPHA) -> float:
+    """log(1 / alpha): the martingale's alarm level in log space."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return math.log(1.0 / alpha)
+
+
+def ks_statistic(
+    window: npt.ArrayLike, calibration_sorted: npt.NDArray[np.float64]
+) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic of ``window`` against the calibration scores, and
+    its p-value (scipy's exact or asymptotic two-sided test)."""
+    from scipy.stats import ks_2samp
+
+    w = np.asarray(window, np.float64)
+    if w.size == 0:
+        return 0.0, 1.0
+    res = ks_2samp(w, calibration_sorted)
+    return float(res.statistic), float(res.pvalue)
+
+
+@dataclass
+class DriftTest:
+    """The martingale and the KS statistic of a whole stream of scores (offline)."""
+
+    calibration_sorted: npt.NDArray[np.float64]
+    alpha: float = DEFAULT_ALPHA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.online = OnlineConformal(self.calibration_sorted, self.seed)
+        self.martingale = SimpleJumper(level=alarm_level(self.alpha))
+        self.scores: list[npt.NDArray[np.float64]] = []
+
+    def update(self, scores: npt.ArrayLike) -> None:
+        s = np.asarray(scores, np.float64).ravel()
+        s = s[np.isfinite(s)]
+        self.martingale.update(self.online.p_values(s))
+        self.scores.append(s)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``vae-anomaly score`` writes to its summary and ``vae-anomaly drift`` prints."""
+        all_scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
+        ks, ks_p = ks_statistic(all_scores, self.calibration_sorted)
+        m = self.martingale
+        return {
+            "alpha": self.alpha,
+            "n": m.n,
+            "log_martingale": m.log_value,
+            "log_martingale_max": m.log_max,
+            "alarm_level": m.level,
+            "alarm": m.first_crossing is not None,
+            "first_alarm_at_row": m.first_crossing,
+            "ks_statistic": ks,
+            "ks_p_value": ks_p,
+        }
