@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from prometheus_client import (
 )
 
 from detector._io import process_alive
+from detector.drift import DEFAULT_ALPHA, DriftTest, alarm_level, ks_statistic
 from detector.threshold import Calibration
 
 PREFIX = "vae_anomaly"
@@ -108,9 +110,42 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         buckets[i].inc(int(counts[i]))
 
 
+class DriftMonitor:
+    """This worker's drift test over the scores it serves (``detector.drift``): the conformal
+    test martingale of their online p-values against the calibration scores, and the KS
+    statistic of its last ``window`` scores. Reset when a model is loaded."""
+
+    KS_EVERY = 256  # scores between two KS statistics (each costs a sort of the window)
+
+    def __init__(self, calibration: Calibration, alpha: float, window: int) -> None:
+        self.cal = np.sort(np.asarray(calibration.scores, np.float64))
+        self.test = DriftTest(self.cal, alpha=alpha, seed=os.getpid())
+        self.window: deque[float] = deque(maxlen=window)
+        self.since_ks = 0
+        self.ks = 0.0
+
+    def update(self, scores: np.ndarray) -> None:
+        finite = np.asarray(scores, np.float64)
+        finite = finite[np.isfinite(finite)]
+        self.test.martingale.update(self.test.online.p_values(finite))
+        self.window.extend(finite.tolist())
+        self.since_ks += finite.size
+        if self.since_ks >= self.KS_EVERY or self.ks == 0.0:
+            self.ks = ks_statistic(np.fromiter(self.window, np.float64), self.cal)[0]
+            self.since_ks = 0
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        drift_alpha: float = DEFAULT_ALPHA,
+        drift_window: int = 1000,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.drift_alpha, self.drift_window = drift_alpha, drift_window
+        self.drift: DriftMonitor | None = None
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -175,6 +210,40 @@ class Metrics:
         self.reloads = Counter(
             f"{PREFIX}_model_reloads", "Model reloads by result.", ["result"], registry=r
         )
+        # the drift test, one per worker (pid label with several workers): see detector.drift
+        self.drift_log_martingale = Gauge(
+            f"{PREFIX}_drift_log_martingale",
+            "Log of the conformal test martingale over this worker's served p-values since the "
+            "model was loaded; past drift_alarm_level (log 1/alpha) the traffic has stopped "
+            "looking like the calibration data, with false-alarm probability <= alpha.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.drift_log_martingale_max = Gauge(
+            f"{PREFIX}_drift_log_martingale_max",
+            "The largest log martingale since the model was loaded (what the alert compares).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.drift_alarm_level = Gauge(
+            f"{PREFIX}_drift_alarm_level",
+            "log(1 / alpha): the martingale's alarm level (alpha = the false-alarm bound).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_ks = Gauge(
+            f"{PREFIX}_drift_ks",
+            "Kolmogorov-Smirnov statistic of the last drift_window_size served scores against "
+            "the calibration scores (0 = same distribution, 1 = disjoint).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_window_size = Gauge(
+            f"{PREFIX}_drift_window_size",
+            "Scores in the KS statistic's window.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         for route in ROUTES:
             method = "GET" if route not in ("/score", "/admin/reload") else "POST"
@@ -197,6 +266,9 @@ class Metrics:
         self.model_info.labels(version).set(1)
         self.threshold.set(calibration.threshold)
         self.target_fpr.set(calibration.target_fpr)
+        self.drift = DriftMonitor(calibration, self.drift_alpha, self.drift_window)
+        self.drift_alarm_level.set(alarm_level(self.drift_alpha))
+        self._set_drift()
         for q in CALIBRATION_QUANTILES:
             self.calibration_quantile.labels(str(q)).set(float(np.quantile(calibration.scores, q)))
 
@@ -218,6 +290,19 @@ class Metrics:
         self.anomalies.inc(int(flags.sum()))
         if self.score is not None:
             observe_many(self.score, scores)
+        if self.drift is not None:
+            self.drift.update(scores)
+            self._set_drift()
+
+    def _set_drift(self) -> None:
+        d = self.drift
+        if d is None:
+            return
+        m = d.test.martingale
+        self.drift_log_martingale.set(m.log_value)
+        self.drift_log_martingale_max.set(m.log_max)
+        self.drift_ks.set(d.ks)
+        self.drift_window_size.set(len(d.window))
 
     def process_exiting(self) -> None:
         """With several workers, drop this process's live gauges (model info, threshold, ...) from

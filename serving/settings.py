@@ -36,6 +36,8 @@ class Settings:
     device: str = "cpu"
     log_level: str = "info"
     access_log: bool = True
+    drift_alpha: float = 0.01  # false-alarm bound of the drift test (detector.drift)
+    drift_window: int = 1000  # the last scores the drift KS statistic compares
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +48,8 @@ class Settings:
             (self.max_instances, self.max_instances >= 1, "max_instances must be >= 1"),
             (self.max_body_bytes, self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.torch_threads, self.torch_threads >= 0, "torch_threads must be >= 0"),
+            (self.drift_alpha, 0 < self.drift_alpha < 1, "drift_alpha must be in (0, 1)"),
+            (self.drift_window, self.drift_window >= 10, "drift_window must be >= 10"),
         ]
         for value, ok, msg in checks:
             if not ok:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector.detector import Detector
+from detector.drift import alarm_level
 from detector.errors import ArtifactError, VAEAnomalyError
 from serving.app.asgi import (
     check_api_key,
@@ -66,7 +67,9 @@ def create_app(
     """Build the service. ``detector`` serves an in-memory model (tests); otherwise the artifact at
     ``settings.model_dir`` is loaded and verified at start-up (``/readyz`` is 503 until then)."""
     settings = settings or Settings.from_env()
-    metrics = Metrics(registry)
+    metrics = Metrics(
+        registry, drift_alpha=settings.drift_alpha, drift_window=settings.drift_window
+    )
     holder = ModelHolder(settings, metrics)
 
     @contextlib.asynccontextmanager
@@ -200,6 +203,23 @@ def create_app(
             "max_body_bytes": settings.max_body_bytes,
             "torch_threads": torch.get_num_threads(),
             "out_of_range": "rejected with 422 unless clip=true",
+        }
+        drift = metrics.drift
+        d["drift"] = {
+            "test": "a conformal test martingale (Vovk et al.'s Simple Jumper) over the online "
+            "smoothed p-values of this worker's served scores against the calibration scores, "
+            "since the model was loaded; reset when a model is loaded",
+            "alpha": settings.drift_alpha,
+            "alarm_level": alarm_level(settings.drift_alpha),
+            "meaning": "vae_anomaly_drift_log_martingale_max >= alarm_level: the traffic has "
+            "stopped looking like the calibration data; served rows exchangeable with it reach "
+            "the level with probability at most alpha (Ville's inequality); with W workers the "
+            "alert uses log(W / alpha)",
+            "log_martingale": drift.test.martingale.log_value if drift else 0.0,
+            "log_martingale_max": drift.test.martingale.log_max if drift else 0.0,
+            "rows": drift.test.martingale.n if drift else 0,
+            "ks_statistic": drift.ks if drift else 0.0,
+            "ks_window": settings.drift_window,
         }
         return d
 

@@ -56,3 +56,32 @@ def test_a_killed_workers_live_gauges_are_dropped(tmp_path, monkeypatch) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"counter_{gone.pid}.db", f"gauge_livesum_{me}.db"]
     )
+
+
+def _gauge(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+def test_drift_gauges_stay_low_on_normal_traffic_and_rise_on_a_shift(  # type: ignore[no-untyped-def]
+    client, trained
+) -> None:
+    """The service's drift test: normal test images keep the martingale below its alarm level;
+    the other digits push it past it; /metadata says what the numbers mean."""
+    x = trained.split.x_test.reshape(len(trained.split.x_test), -1)
+    y = trained.split.y_test
+    normal, anomalous = x[y == 0], x[y == 1]
+    for start in range(0, len(normal), 16):
+        r = client.post("/score", json={"instances": normal[start : start + 16].tolist()})
+        assert r.status_code == 200
+    text = client.get("/metrics").text
+    level = _gauge(text, "vae_anomaly_drift_alarm_level")
+    assert abs(level - np.log(100)) < 1e-9
+    assert _gauge(text, "vae_anomaly_drift_log_martingale_max") < level
+    assert _gauge(text, "vae_anomaly_drift_window_size") == len(normal)
+    client.post("/score", json={"instances": anomalous[:300].tolist()})
+    text = client.get("/metrics").text
+    assert _gauge(text, "vae_anomaly_drift_log_martingale_max") >= level
+    assert _gauge(text, "vae_anomaly_drift_ks") > 0.3
+    meta = client.get("/metadata").json()["drift"]
+    assert meta["alpha"] == 0.01 and meta["rows"] == len(normal) + 300

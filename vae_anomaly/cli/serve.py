@@ -71,6 +71,17 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help=f"(default {st.log_level})",
     )
+    sv.add_argument(
+        "--drift-alpha",
+        type=float,
+        help=f"false-alarm bound of the drift test on served scores (default {st.drift_alpha}; "
+        "the vae_anomaly_drift_* metrics, VAEAnomalyDrift alert)",
+    )
+    sv.add_argument(
+        "--drift-window",
+        type=positive_int,
+        help=f"served scores in the drift KS statistic (default {st.drift_window})",
+    )
 
     # -- info ---------------------------------------------------------------------------------
     inf = sub.add_parser(
@@ -103,6 +114,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model_root=args.model_root,
         device=args.device,
         log_level=args.log_level,
+        drift_alpha=args.drift_alpha,
+        drift_window=args.drift_window,
     )
     run(settings)
     return 0
