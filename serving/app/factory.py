@@ -218,6 +218,7 @@ def create_app(
             "log_martingale": drift.test.martingale.log_value if drift else 0.0,
             "log_martingale_max": drift.test.martingale.log_max if drift else 0.0,
             "rows": drift.test.martingale.n if drift else 0,
+            "first_alarm_at_row": drift.test.martingale.first_crossing if drift else None,
             "ks_statistic": drift.ks if drift else 0.0,
             "ks_window": settings.drift_window,
         }

@@ -170,6 +170,35 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "default: uniform noise over the input range (the slowest case for the complexity term)",
     )
     lt.add_argument("--out", help="write the report as JSON here")
+
+    # -- drift-benchmark ----------------------------------------------------------------------
+    db = sub.add_parser(
+        "drift-benchmark",
+        help="the drift test's false alarms on normal traffic and delay on shifted traffic",
+        description="Train the default detector on one class of --dataset less --held-out of "
+        "its training images, then stream those (fresh normal traffic, in random orders) "
+        "through the real service (one instance per request, the test restarted by a reload "
+        "per stream) and through batch scoring: how often the drift test alarms. Shifted "
+        "streams replace rows after --clean by other classes at 5 %%, 20 %%, 50 %% or a ramp "
+        "to 50 %%: how many rows until the alarm. Also the class's test images (other "
+        "writers). Writes drift_benchmark.json and .md to --out.",
+        formatter_class=fmt,
+    )
+    db.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or digits")
+    db.add_argument("--normal-class", type=int, default=0, help="the normal class")
+    db.add_argument(
+        "--held-out", type=positive_int, default=1000, help="training images kept as traffic"
+    )
+    db.add_argument("--out", required=True, help="folder for the report")
+    db.add_argument("--runs", type=positive_int, default=40, help="normal streams")
+    db.add_argument("--shifted-runs", type=positive_int, default=10, help="streams per shift")
+    db.add_argument("--clean", type=positive_int, default=200, help="normal rows before a shift")
+    db.add_argument("--alpha", type=float, default=0.01, help="the test's false-alarm bound")
+    db.add_argument("--seed", type=int, default=0, help="seed of the streams")
+    db.add_argument(
+        "--no-service", action="store_true", help="batch scoring only (no HTTP service)"
+    )
+    db.set_defaults(handler=run_drift_benchmark)
     bm.set_defaults(handler=run_benchmark)
     bb.set_defaults(handler=run_batch_benchmark)
     lt.set_defaults(handler=run_loadtest)
@@ -312,4 +341,26 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, report)
         echo(f"report written to {args.out}")
+    return 0
+
+
+def run_drift_benchmark(args: argparse.Namespace) -> int:
+    from vae_anomaly.bench.drift import drift_markdown, run_drift_benchmark
+
+    report = run_drift_benchmark(
+        args.out,
+        dataset=args.dataset,
+        normal_class=args.normal_class,
+        held_out=args.held_out,
+        runs=args.runs,
+        shifted_runs=args.shifted_runs,
+        clean=args.clean,
+        alpha=args.alpha,
+        seed=args.seed,
+        service=not args.no_service,
+        echo=echo,
+    )
+    echo("")
+    echo(drift_markdown(report))
+    echo(f"results in {args.out}/drift_benchmark.json, drift_benchmark.md")
     return 0
