@@ -10,8 +10,9 @@ martingale* over the stream of p-values (Vovk, Petej, Nouretdinov, Ahlberg, Carl
 Gammerman, "Retrain or not retrain: conformal test martingales for change-point detection",
 COPA 2021: the Simple Jumper) grows when the p-values stop being uniform: it holds its capital on
 three bets, f(p) = 1 + e (p - 1/2) for e in {-1, 0, +1} (small p-values, i.e. scores drifting
-up; no bet; large p-values, scores drifting down) and moves a share ``jump`` of it between them
-at every step, so it follows a change that starts late. By Ville's inequality, a nonnegative
+up; no bet; large p-values, scores drifting down), plus a fourth of ours on very small p-values
+(a contamination: ``SimpleJumper``), and moves a share ``jump`` of it between them at every
+step, so it follows a change that starts late. By Ville's inequality, a nonnegative
 martingale that starts at 1 ever reaches 1/alpha with probability at most alpha: an alarm at
 log M >= log(1 / alpha) is a false alarm with probability at most alpha, however long the stream.
 
@@ -78,9 +79,20 @@ def smoothed_p_values(
     return np.asarray((above + rng.random(s.shape) * (ties + 1)) / (n + 1), np.float64)
 
 
+TAIL = 0.01  # the tail bet pays when p <= TAIL ...
+TAIL_STAKE = 0.05  # ... with this share of the capital it holds
+
+
 @dataclass
 class SimpleJumper:
-    """Vovk et al.'s Simple Jumper betting martingale, kept in log space."""
+    """Vovk et al.'s Simple Jumper betting martingale, kept in log space, with a fourth bet.
+
+    The three bets of the paper, f(p) = 1 + e (p - 1/2) for e = -1, 0, +1, follow a shift of the
+    whole score distribution. A contamination (a few rows from elsewhere among normal ones)
+    barely moves the mean p-value, so they miss it: the fourth bet stakes ``TAIL_STAKE`` of its
+    capital on p <= ``TAIL``, f(p) = 1 - s + s * 1{p <= t} / t, which pays 1/t-fold on the
+    rare very small p-values that such rows bring. Every bet has mean 1 under uniform p-values,
+    so the mixture is a test martingale and Ville's bound holds."""
 
     jump: float = DEFAULT_JUMP
     level: float = math.inf  # log alarm level: ``first_crossing`` records when it is reached
@@ -88,8 +100,8 @@ class SimpleJumper:
     log_max: float = 0.0  # the largest log M_n so far
     n: int = 0
     first_crossing: int | None = None  # the p-value (1-based) at which log M first hit level
-    # the share of the capital on each bet e = -1, 0, +1 (they sum to 1)
-    _shares: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+    # the share of the capital on each bet: e = -1, 0, +1, and the tail bet (they sum to 1)
+    _shares: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.jump <= 1.0:
@@ -98,23 +110,24 @@ class SimpleJumper:
     def update(self, p_values: npt.ArrayLike) -> float:
         """Bet on each p-value in turn; returns log M after the last."""
         j = self.jump
-        a, b, c = self._shares
+        a, b, c, t = self._shares
         log_value, log_max = self.log_value, self.log_max
         level, crossed = self.level, self.first_crossing
+        keep, win = 1.0 - TAIL_STAKE, 1.0 - TAIL_STAKE + TAIL_STAKE / TAIL
         for k, p in enumerate(np.asarray(p_values, np.float64).ravel().tolist()):
-            third = j / 3.0  # the shares sum to 1: each gets J/3 of the whole
-            a, b, c = (1 - j) * a + third, (1 - j) * b + third, (1 - j) * c + third
+            q = j / 4.0  # the shares sum to 1: each gets J/4 of the whole
+            a, b, c, t = (1 - j) * a + q, (1 - j) * b + q, (1 - j) * c + q, (1 - j) * t + q
             d = p - 0.5
-            a, c = a * (1.0 - d), c * (1.0 + d)
-            total = a + b + c
+            a, c, t = a * (1.0 - d), c * (1.0 + d), t * (win if p <= TAIL else keep)
+            total = a + b + c + t
             log_value += math.log(total)
-            a, b, c = a / total, b / total, c / total
+            a, b, c, t = a / total, b / total, c / total, t / total
             if log_value > log_max:
                 log_max = log_value
                 if crossed is None and log_value >= level:
                     crossed = self.n + k + 1
         self.first_crossing = crossed
-        self._shares = [a, b, c]
+        self._shares = [a, b, c, t]
         self.log_value, self.log_max = log_value, log_max
         self.n += int(np.size(p_values))
         return log_value
@@ -123,7 +136,7 @@ class SimpleJumper:
         self.log_value = self.log_max = 0.0
         self.n = 0
         self.first_crossing = None
-        self._shares = [1 / 3, 1 / 3, 1 / 3]
+        self._shares = [0.25, 0.25, 0.25, 0.25]
 
 
 def alarm_level(alpha: float = DEFAULT_ALPHA) -> float:

@@ -29,9 +29,10 @@ def test_smoothed_p_values_are_uniform_for_exchangeable_scores() -> None:
 
 
 def test_the_martingale_bets_the_known_way() -> None:
-    m = SimpleJumper(jump=0.0)  # no jumps: the mean of the three bets' products
-    m.update([0.1, 0.2])
-    expected = ((1.4 * 1.3) + 1.0 + (0.6 * 0.7)) / 3
+    m = SimpleJumper(jump=0.0)  # no jumps: the mean of the four bets' products
+    m.update([0.1, 0.005])
+    tail = 0.95 * (0.95 + 0.05 / 0.01)  # p = 0.1 misses the tail, 0.005 hits it
+    expected = ((1.4 * 1.495) + 1.0 + (0.6 * 0.505) + tail) / 4
     assert math.isclose(m.log_value, math.log(expected), rel_tol=1e-12)
     assert m.n == 2 and m.log_max >= m.log_value
 
@@ -105,3 +106,30 @@ def test_score_summary_and_drift_command(trained, tmp_path, capsys) -> None:  # 
     assert code == 3 and "drift: the rows stop looking like the calibration data" in (
         capsys.readouterr().out
     )
+
+
+def test_benchmark_streams_shift_after_the_clean_rows() -> None:
+    from vae_anomaly.bench.drift import streams
+
+    rng = np.random.default_rng(0)
+    normal = np.zeros((1000, 4), np.float32)
+    other = np.ones((500, 4), np.float32)
+    s = streams(normal, other, 0.2, 200, rng)
+    swapped = s[:, 0] == 1
+    assert not swapped[:200].any() and 0.15 < swapped[200:].mean() < 0.25
+    ramp = streams(normal, other, "ramp", 200, rng)[:, 0] == 1
+    assert not ramp[:200].any() and ramp[200:600].mean() < ramp[600:].mean()
+    assert (streams(normal, other, 0.0, 200, rng) == 0).all()
+
+
+def test_a_contamination_raises_the_alarm() -> None:
+    """5 % of the rows from far away among normal ones: the tail bet catches it."""
+    rng = np.random.default_rng(5)
+    cal = np.sort(rng.normal(size=585))
+    s = rng.normal(size=1000)
+    odd = rng.random(1000) < 0.05
+    odd[:200] = False
+    s[odd] = rng.normal(5, 1, int(odd.sum()))
+    t = DriftTest(cal)
+    t.update(s)
+    assert t.summary()["alarm"] and t.summary()["first_alarm_at_row"] > 200
