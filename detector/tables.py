@@ -30,6 +30,7 @@ from detector.errors import DataError, InputError
 
 DELIMITERS = (",", ";", "\t", "|")
 SNIFF_BYTES = 64 << 10
+MAX_HEADER_BYTES = 64 << 20  # a first line (the header) may be this long
 TABLE_SUFFIXES = (".csv", ".parquet")
 
 
@@ -60,6 +61,11 @@ def sniff_csv(path: Path, *, header: str = "auto", delimiter: str | None = None)
         raise InputError(f"the delimiter must be one character, got {delimiter!r}")
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
+        while b"\n" not in head.lstrip(b"\r\n") and len(head) < MAX_HEADER_BYTES:
+            more = f.read(SNIFF_BYTES)  # a first line longer than the sniffed bytes
+            if not more:
+                break
+            head += more
     bom = head.startswith(codecs.BOM_UTF8)
     if bom:
         head = head[len(codecs.BOM_UTF8) :]
@@ -75,7 +81,10 @@ def sniff_csv(path: Path, *, header: str = "auto", delimiter: str | None = None)
     text = [ln.decode("utf-8", errors="replace").rstrip("\r") for ln in lines[:20] if ln.strip()]
     if delimiter is None:
         delimiter = _sniff_delimiter(text)
-    cells = next(csv.reader([text[0]], delimiter=delimiter))
+    try:
+        cells = next(csv.reader([text[0]], delimiter=delimiter))
+    except csv.Error as e:
+        raise DataError(f"{path}: cannot read the first line: {e}") from None
     has_header = header == "yes" or (
         header == "auto" and not all(_is_number(c) for c in cells if c.strip())
     )
@@ -95,7 +104,10 @@ def _sniff_delimiter(lines: list[str]) -> str:
     comma first; a comma when none does."""
     found = {}
     for d in DELIMITERS:
-        counts = {len(next(csv.reader([ln], delimiter=d))) for ln in lines}
+        try:
+            counts = {len(next(csv.reader([ln], delimiter=d))) for ln in lines}
+        except csv.Error:  # a "cell" beyond the csv module's field limit: not this delimiter
+            continue
         if len(counts) == 1 and (n := counts.pop()) > 1:
             found[d] = n
     if "," in found or not found:

@@ -394,3 +394,12 @@ def test_a_categorical_column_now_numbers_is_refused(table_model: tuple[Path, Pa
     df.to_csv(root / "codes.csv", index=False)
     with pytest.raises(InputError, match="column 'channel' holds numbers, but the model learnt"):
         _score(model, root / "codes.csv", root / "codes_out.csv")
+
+
+def test_a_header_longer_than_the_sniffed_bytes(tmp_path: Path) -> None:
+    from detector.tables import sniff_csv
+
+    p = tmp_path / "wide.csv"
+    p.write_text(",".join(f"col{i}" for i in range(20000)) + "\n" + ",".join("1" * 20000) + "\n")
+    layout = sniff_csv(p)
+    assert layout.header and len(layout.names) == 20000 and layout.delimiter == ","
