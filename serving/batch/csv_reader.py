@@ -153,7 +153,11 @@ class CSVReader:
             where = f"line {first_line + k}"
             this_row = row
             row += 1
-            cells = next(csv.reader([line], delimiter=self.delimiter))
+            try:
+                cells = next(csv.reader([line], delimiter=self.delimiter))
+            except csv.Error as e:  # e.g. a cell beyond the csv module's field limit
+                self.rejects.add(self.source, where, f"malformed line: {e}")
+                continue
             if len(cells) != width:
                 self.rejects.add(self.source, where, f"expected {width} columns, got {len(cells)}")
                 continue
