@@ -85,6 +85,8 @@ def score_files(
     opts.validate()
     if opts.explain and detector.input_spec.schema is None:
         raise InputError("--explain needs a model trained on a table (per-column contributions)")
+    if opts.scale != 1.0 and detector.input_spec.schema is not None:
+        raise InputError("--scale is for pixels; a table model standardises its columns itself")
     detector.require_calibration()
     files = [Path(p) for p in inputs]
     out = Path(output)
