@@ -84,6 +84,7 @@ class Summary:
     rejects_file: str | None
     engine: str = "local"
     drift: dict[str, Any] = field(default_factory=dict)  # detector.drift.DriftTest.summary()
+    columns: str = ""  # a table model: how the files' columns were matched
 
     def lines(self) -> list[str]:
         out = [
@@ -94,6 +95,8 @@ class Summary:
         ]
         if self.rejected:
             out.append(f"rejected: {self.rejected:,} malformed rows, see {self.rejects_file}")
+        if self.columns:
+            out.append(self.columns)
         if self.drift:
             out.append(drift_line(self.drift))
         out.append(f"wrote {self.output}")

@@ -151,6 +151,7 @@ def score_files(
             rejects_file=str(rejects_path) if opts.on_error == "skip" else None,
             engine=engine,
             drift=drift.summary(),
+            columns=_columns_note(detector),
         )
     write_json(summary_path, asdict(summary))  # once the output is in place
     return summary
@@ -212,3 +213,16 @@ def drift_files(
         "rejected": rejects.count,
         "inputs": list(map(str, inputs)),
     }
+
+
+def _columns_note(detector: Detector) -> str:
+    schema = detector.input_spec.schema
+    if schema is None:
+        return ""
+    if schema.by_name:
+        return f"columns: matched by name ({len(schema.columns)} features)"
+    return (
+        f"columns: taken by position ({len(schema.columns)} features; the model was trained on "
+        "a file without a header)"
+    )
+
