@@ -225,4 +225,3 @@ def _columns_note(detector: Detector) -> str:
         f"columns: taken by position ({len(schema.columns)} features; the model was trained on "
         "a file without a header)"
     )
-
