@@ -66,19 +66,6 @@ class OnlineConformal:
         return out
 
 
-def smoothed_p_values(
-    scores: npt.ArrayLike, calibration_sorted: npt.NDArray[np.float64], rng: np.random.Generator
-) -> npt.NDArray[np.float64]:
-    """Smoothed conformal p-values of ``scores`` against sorted calibration scores."""
-    s = np.asarray(scores, np.float64)
-    n = calibration_sorted.size
-    above = n - np.searchsorted(calibration_sorted, s, side="right")
-    ties = np.searchsorted(calibration_sorted, s, side="right") - np.searchsorted(
-        calibration_sorted, s, side="left"
-    )
-    return np.asarray((above + rng.random(s.shape) * (ties + 1)) / (n + 1), np.float64)
-
-
 TAIL = 0.01  # the tail bet pays when p <= TAIL ...
 TAIL_STAKE = 0.05  # ... with this share of the capital it holds
 
@@ -171,18 +158,23 @@ class DriftTest:
     def __post_init__(self) -> None:
         self.online = OnlineConformal(self.calibration_sorted, self.seed)
         self.martingale = SimpleJumper(level=alarm_level(self.alpha))
-        self.scores: list[npt.NDArray[np.float64]] = []
 
     def update(self, scores: npt.ArrayLike) -> None:
         s = np.asarray(scores, np.float64).ravel()
-        s = s[np.isfinite(s)]
-        self.martingale.update(self.online.p_values(s))
-        self.scores.append(s)
+        self.martingale.update(self.online.p_values(s[np.isfinite(s)]))
+
+    def stream_scores(self) -> npt.NDArray[np.float64]:
+        """The scores seen so far, sorted: the online bag less the calibration scores (the bag
+        already holds every score, so nothing is kept twice)."""
+        values, in_bag = np.unique(np.asarray(self.online.bag, np.float64), return_counts=True)
+        cal, in_cal = np.unique(self.calibration_sorted, return_counts=True)
+        counts = in_bag.copy()
+        counts[np.searchsorted(values, cal)] -= in_cal
+        return np.repeat(values, counts)
 
     def summary(self) -> dict[str, Any]:
         """What ``vae-anomaly score`` writes to its summary and ``vae-anomaly drift`` prints."""
-        all_scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
-        ks, ks_p = ks_statistic(all_scores, self.calibration_sorted)
+        ks, ks_p = ks_statistic(self.stream_scores(), self.calibration_sorted)
         m = self.martingale
         return {
             "alpha": self.alpha,

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detector.errors import ConfigError, InputError
+from detector.tables import is_number
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -88,13 +89,22 @@ class Column:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Rows encoded for the model, and what the encoding found per row."""
+    """Rows encoded for the model, and which of them cannot be scored."""
 
+    schema: TableSchema
     x: npt.NDArray[np.float32]  # (N, n_encoded), NaN where a cell is missing
-    missing: npt.NDArray[np.int64]  # (N,) missing cells per row
-    unseen: npt.NDArray[np.int64]  # (N,) categorical cells with a category unseen in training
     bad: npt.NDArray[np.bool_]  # (N,) rows that cannot be scored
     reasons: dict[int, str]  # row -> why it cannot be scored
+
+    @property
+    def missing(self) -> npt.NDArray[np.int64]:
+        """(N,) missing cells per row."""
+        return self.schema.cell_counts(self.x)[0]
+
+    @property
+    def unseen(self) -> npt.NDArray[np.int64]:
+        """(N,) categorical cells per row with a category unseen in training."""
+        return self.schema.cell_counts(self.x)[1]
 
 
 @dataclass(frozen=True)
@@ -149,16 +159,6 @@ class TableSchema:
             f"{len(self.columns)} columns ({len(self.columns) - n_cat} numeric, {n_cat} "
             f"categorical), {'matched by name' if self.by_name else 'taken by position'}"
         )
-
-    def standardization(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Per encoded feature: the mean and scale the model standardises with (identity for
-        one-hot blocks)."""
-        mean = np.zeros(self.n_encoded, np.float32)
-        scale = np.ones(self.n_encoded, np.float32)
-        for o, c in zip(self.offsets, self.columns, strict=True):
-            if c.kind == NUMERIC:
-                mean[o], scale[o] = c.mean, c.std
-        return mean, scale
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -253,10 +253,10 @@ class TableSchema:
         words (a column retyped, or columns swapped under the same names): every value would
         otherwise score as an unseen category. Called on a file's first rows."""
         for col, values in zip(self.columns, data, strict=True):
-            if col.kind != CATEGORICAL or any(_is_number(c) for c in col.categories):
+            if col.kind != CATEGORICAL or any(is_number(c) for c in col.categories):
                 continue
             text = [v for v in _as_text(values).to_pylist() if v is not None]
-            if len(text) >= min_values and all(_is_number(v) for v in text):
+            if len(text) >= min_values and all(is_number(v) for v in text):
                 shown = ", ".join(repr(c) for c in col.categories[:3])
                 raise InputError(
                     f"{source}: column {col.name!r} holds numbers, but the model learnt it as "
@@ -282,10 +282,6 @@ class TableSchema:
             raise InputError(f"expected {len(self.columns)} columns, got {len(data)}")
         n = len(data[0]) if data else 0  # type: ignore[arg-type]
         x = np.empty((n, self.n_encoded), np.float32)
-        missing = np.zeros(n, np.int64)
-        unseen = np.zeros(n, np.int64)
-        bad = np.zeros(n, np.bool_)
-        reasons: dict[int, str] = {}
         for o, col, values in zip(self.offsets, self.columns, data, strict=True):
             if col.kind == CATEGORICAL:
                 idx, absent = _category_index(values, col)
@@ -294,62 +290,50 @@ class TableSchema:
                 seen = idx >= 0
                 block[np.flatnonzero(seen), idx[seen]] = 1.0
                 block[absent] = np.nan
-                missing += absent
-                unseen += ~seen & ~absent
-                continue
-            v = _as_float(values, col.name)
-            absent = np.isnan(v)
-            missing += absent
-            with np.errstate(invalid="ignore", over="ignore"):
-                far = np.abs(v - col.mean) > MAX_STANDARD_DEVIATIONS * col.std
-            far |= np.isinf(v)
-            for i in np.flatnonzero(far & ~bad).tolist():
-                reasons[i] = (
-                    f"column {col.name!r}: {v[i]:g} is more than {MAX_STANDARD_DEVIATIONS:g} "
-                    f"standard deviations from the training mean ({col.mean:g} +- {col.std:g})"
-                )
-            bad |= far
-            with np.errstate(over="ignore"):  # beyond float32: a refused row anyway
-                x[:, o] = v
-        return Encoded(x, missing, unseen, bad, reasons)
+            else:
+                with np.errstate(over="ignore"):  # beyond float32: infinite, a refused row
+                    x[:, o] = _as_float(values, col.name)
+        bad, reasons = self.screen(x, blocks=False)  # the blocks written above are well-formed
+        return Encoded(self, x, bad, reasons)
 
-    def screen(self, x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.bool_], dict[int, str]]:
-        """Rows of an already encoded (N, n_encoded) array that cannot be scored, and why:
-        infinities, values absurdly far from the training data, broken one-hot blocks."""
+    def screen(
+        self, x: npt.NDArray[np.float32], *, blocks: bool = True
+    ) -> tuple[npt.NDArray[np.bool_], dict[int, str]]:
+        """Rows of an encoded (N, n_encoded) array that cannot be scored, and why: infinities,
+        values absurdly far from the training data, and (``blocks``) broken one-hot blocks."""
         bad = np.zeros(x.shape[0], np.bool_)
         reasons: dict[int, str] = {}
         for o, col in zip(self.offsets, self.columns, strict=True):
             v = x[:, o : o + col.width]
             if col.kind == CATEGORICAL:
+                if not blocks:
+                    continue
                 nan = np.isnan(v)
                 ok = (nan.all(axis=1)) | (
                     ~nan.any(axis=1) & np.isin(v, (0.0, 1.0)).all(axis=1) & (v.sum(axis=1) <= 1)
                 )
-                why = "a categorical block must be one-hot, all zero (unseen) or all NaN (missing)"
+                for i in np.flatnonzero(~ok & ~bad).tolist():
+                    reasons[i] = (
+                        f"column {col.name!r}: a categorical block must be one-hot, all zero "
+                        "(unseen) or all NaN (missing)"
+                    )
             else:
+                value = v[:, 0]
                 with np.errstate(invalid="ignore", over="ignore"):
-                    ok = ~(np.abs(v[:, 0] - col.mean) > MAX_STANDARD_DEVIATIONS * col.std)
-                ok &= ~np.isinf(v[:, 0])
-                why = (
-                    f"infinite, or more than {MAX_STANDARD_DEVIATIONS:g} standard deviations from "
-                    f"the training mean ({col.mean:g} +- {col.std:g})"
-                )
-            for i in np.flatnonzero(~ok & ~bad).tolist():
-                reasons[i] = f"column {col.name!r}: {why}"
+                    ok = ~(np.abs(value - col.mean) > MAX_STANDARD_DEVIATIONS * col.std)
+                ok &= ~np.isinf(value)
+                for i in np.flatnonzero(~ok & ~bad).tolist():
+                    reasons[i] = (
+                        f"column {col.name!r}: {float(value[i]):g} is more than "
+                        f"{MAX_STANDARD_DEVIATIONS:g} standard deviations from the training mean "
+                        f"({col.mean:g} +- {col.std:g})"
+                    )
             bad |= ~ok
         return bad, reasons
 
     def column_contributions(self, per_feature: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
         """Per-feature terms (N, n_encoded) summed per column: (N, n_columns)."""
         return np.add.reduceat(per_feature, self.offsets, axis=1)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

@@ -45,7 +45,7 @@ class CsvLayout:
     bom: bool
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
     except ValueError:
@@ -86,7 +86,7 @@ def sniff_csv(path: Path, *, header: str = "auto", delimiter: str | None = None)
     except csv.Error as e:
         raise DataError(f"{path}: cannot read the first line: {e}") from None
     has_header = header == "yes" or (
-        header == "auto" and not all(_is_number(c) for c in cells if c.strip())
+        header == "auto" and not all(is_number(c) for c in cells if c.strip())
     )
     names = [c.strip() for c in cells] if has_header else [str(i) for i in range(len(cells))]
     if has_header:
@@ -186,7 +186,7 @@ def _refuse_stray_text(path: Path, name: str, col: pa.ChunkedArray, first_line: 
     """A column of numbers with a few stray words is a typo, not a category: name the cell."""
     values = col.to_pylist()
     present = [(i, v) for i, v in enumerate(values) if v is not None]
-    words = [(i, v) for i, v in present if not _is_number(v)]
+    words = [(i, v) for i, v in present if not is_number(v)]
     if present and 0 < len(words) <= max(1, math.floor(0.05 * len(present))):
         i, v = words[0]
         shown = v if len(v) <= 20 else v[:20] + "..."

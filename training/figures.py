@@ -276,26 +276,33 @@ def gallery(ctx: FigureContext, order: npt.NDArray[np.integer[Any]], title: str)
     return fig
 
 
-def false_positives(ctx: FigureContext) -> Figure:
+def errors_at_threshold(
+    ctx: FigureContext, kind: str, what: str = "sample"
+) -> npt.NDArray[np.intp]:
+    """The false positives (``kind`` "fp": normal yet flagged, highest score first) or false
+    negatives ("fn": anomalous yet not flagged, lowest first); Skip when there are none."""
     if ctx.y is None:
         raise Skip("no normal / anomalous labels")
     s = ctx.result.score
-    fp = np.flatnonzero((ctx.y == 0) & (s > ctx.threshold))
-    if fp.size == 0:
-        raise Skip("no normal sample is above the threshold")
-    order = fp[np.argsort(-s[fp])]
-    return gallery(ctx, order, f"False positives ({fp.size} normal samples flagged)")
+    if kind == "fp":
+        rows = np.flatnonzero((ctx.y == 0) & (s > ctx.threshold))
+        if rows.size == 0:
+            raise Skip(f"no normal {what} is above the threshold")
+        return rows[np.argsort(-s[rows])]
+    rows = np.flatnonzero((ctx.y == 1) & (s <= ctx.threshold))
+    if rows.size == 0:
+        raise Skip("every anomaly is above the threshold")
+    return rows[np.argsort(s[rows])]
+
+
+def false_positives(ctx: FigureContext) -> Figure:
+    fp = errors_at_threshold(ctx, "fp")
+    return gallery(ctx, fp, f"False positives ({fp.size} normal samples flagged)")
 
 
 def false_negatives(ctx: FigureContext) -> Figure:
-    if ctx.y is None:
-        raise Skip("no normal / anomalous labels")
-    s = ctx.result.score
-    fn = np.flatnonzero((ctx.y == 1) & (s <= ctx.threshold))
-    if fn.size == 0:
-        raise Skip("every anomaly is above the threshold")
-    order = fn[np.argsort(s[fn])]
-    return gallery(ctx, order, f"False negatives ({fn.size} anomalies not flagged)")
+    fn = errors_at_threshold(ctx, "fn")
+    return gallery(ctx, fn, f"False negatives ({fn.size} anomalies not flagged)")
 
 
 def latent_space(ctx: FigureContext) -> Figure:

@@ -14,6 +14,7 @@ from training.figures import (
     NORMAL_COLOUR,
     FigureContext,
     Skip,
+    errors_at_threshold,
     new_figure,
 )
 
@@ -102,23 +103,13 @@ def contributions(ctx: FigureContext, order: npt.NDArray[np.integer[Any]], title
 
 
 def false_positives(ctx: FigureContext) -> Figure:
-    if ctx.y is None:
-        raise Skip("no normal / anomalous labels")
-    s = ctx.result.score
-    fp = np.flatnonzero((ctx.y == 0) & (s > ctx.threshold))
-    if fp.size == 0:
-        raise Skip("no normal row is above the threshold")
-    return contributions(ctx, fp[np.argsort(-s[fp])], f"False positives ({fp.size} flagged)")
+    fp = errors_at_threshold(ctx, "fp", what="row")
+    return contributions(ctx, fp, f"False positives ({fp.size} flagged)")
 
 
 def false_negatives(ctx: FigureContext) -> Figure:
-    if ctx.y is None:
-        raise Skip("no normal / anomalous labels")
-    s = ctx.result.score
-    fn = np.flatnonzero((ctx.y == 1) & (s <= ctx.threshold))
-    if fn.size == 0:
-        raise Skip("every anomaly is above the threshold")
-    return contributions(ctx, fn[np.argsort(s[fn])], f"False negatives ({fn.size} missed)")
+    fn = errors_at_threshold(ctx, "fn")
+    return contributions(ctx, fn, f"False negatives ({fn.size} missed)")
 
 
 def not_for_tables(_ctx: FigureContext) -> Figure:

@@ -242,14 +242,6 @@ class CSVReader:
 _NULLS = frozenset(pacsv.ConvertOptions().null_values)
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
 def _decode_lines(text: bytes) -> list[str]:
     """Lines of CSV text: UTF-8, and a line that is not valid UTF-8 read as Latin-1 (every byte
     is a character there), so an id or a label in a legacy encoding is kept, not mangled."""

@@ -10,21 +10,21 @@ import pytest
 
 from detector.drift import (
     DriftTest,
+    OnlineConformal,
     SimpleJumper,
     alarm_level,
     ks_statistic,
-    smoothed_p_values,
 )
 
 
 def test_smoothed_p_values_are_uniform_for_exchangeable_scores() -> None:
     rng = np.random.default_rng(0)
     cal = np.sort(rng.normal(size=500))
-    p = smoothed_p_values(rng.normal(size=20000), cal, rng)
+    p = OnlineConformal(cal, seed=1).p_values(rng.normal(size=20000))
     assert p.min() > 0 and p.max() < 1
     assert abs(p.mean() - 0.5) < 0.02
     # ties: a discrete score gets a random position among its equals
-    tied = smoothed_p_values(np.zeros(5000), np.zeros(99), rng)
+    tied = OnlineConformal(np.zeros(99), seed=2).p_values(np.zeros(5000))
     assert abs(tied.mean() - 0.5) < 0.02
 
 
