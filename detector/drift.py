@@ -23,7 +23,7 @@ exchangeability, and Ville's bound holds for a stream of any length. Against the
 calibration set alone they would not be: given that set, the p-values follow its sample
 distribution, and over long streams the martingale learns its quirks (measured: 24 % false
 alarms at alpha = 5 % with 300 calibration rows and 10,000 scored rows; online, 1.5 %). The bag
-costs a sorted list of every score seen (``sortedcontainers``; about 5 microseconds a row).
+keeps every score seen (8 bytes a row), in a few sorted arrays (``OnlineConformal``).
 
 A two-sample Kolmogorov-Smirnov statistic of a window of scores against the calibration scores
 says how far the distributions are apart (0 = identical, 1 = disjoint), for dashboards.
@@ -43,27 +43,72 @@ DEFAULT_JUMP = 0.01
 
 
 class OnlineConformal:
-    """Smoothed p-values of a stream against the calibration scores and the stream's own past."""
+    """Smoothed p-values of a stream against the calibration scores and the stream's own past.
+
+    The bag of reference scores is kept as a few sorted arrays (sizes shrinking geometrically,
+    merged as they fill, as a log-structured merge tree does), so a block of B new scores is
+    ranked with a handful of vectorised searches plus the block's own earlier rows, instead of
+    one Python step per row: batch scoring pays well under a microsecond a row."""
+
+    CHUNK = 512  # rows compared pairwise at once when ranking a block among itself
 
     def __init__(self, calibration: npt.ArrayLike, seed: int = 0) -> None:
-        from sortedcontainers import SortedList
-
-        self.bag = SortedList(np.asarray(calibration, np.float64).ravel().tolist())
+        self.levels = [np.sort(np.asarray(calibration, np.float64).ravel())]
+        self.size = int(self.levels[0].size)
         self.rng = np.random.default_rng(seed)
 
     def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Each score's p-value, then the score joins the bag (in order)."""
-        bag = self.bag
+        """Each score's p-value, ranked among the bag and the block's earlier scores; then the
+        block joins the bag."""
         s = np.asarray(scores, np.float64).ravel()
-        u = self.rng.random(s.size).tolist()
-        out = np.empty(s.size, np.float64)
-        for k, v in enumerate(s.tolist()):
-            n = len(bag)
-            hi = bag.bisect_right(v)
-            lo = bag.bisect_left(v)
-            out[k] = ((n - hi) + u[k] * (hi - lo + 1)) / (n + 1)
-            bag.add(v)
-        return out
+        u = self.rng.random(s.size)
+        if s.size == 0:
+            return s
+        hi = np.zeros(s.size, np.int64)
+        lo = np.zeros(s.size, np.int64)
+        for level in self.levels:
+            hi += np.searchsorted(level, s, side="right")
+            lo += np.searchsorted(level, s, side="left")
+        if s.size == 1:  # one row a request (the service): nothing earlier in its block
+            above = ties = np.zeros(1, np.int64)
+        else:
+            above, ties = _earlier(s, self.CHUNK)
+        n = self.size + np.arange(s.size)  # the bag's size when each score arrives
+        out = ((self.size - hi + above) + u * (hi - lo + ties + 1)) / (n + 1)
+        self._add(np.sort(s))
+        return np.asarray(out, np.float64)
+
+    def _add(self, block: npt.NDArray[np.float64]) -> None:
+        self.levels.append(block)
+        self.size += int(block.size)
+        while len(self.levels) > 1 and self.levels[-2].size <= 4 * self.levels[-1].size:
+            last = self.levels.pop()
+            self.levels[-1] = np.sort(np.concatenate([self.levels[-1], last]), kind="stable")
+
+    def sorted_bag(self) -> npt.NDArray[np.float64]:
+        """Every score in the bag (calibration and stream), sorted."""
+        return np.sort(np.concatenate(self.levels))
+
+
+def _earlier(
+    s: npt.NDArray[np.float64], chunk: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """For each s[k]: how many of s[:k] are greater, and how many equal."""
+    above = np.empty(s.size, np.int64)
+    ties = np.empty(s.size, np.int64)
+    for start in range(0, s.size, chunk):
+        c = s[start : start + chunk]
+        before = np.tri(c.size, k=-1, dtype=np.bool_)  # [k, j]: j comes before k
+        a = ((c[None, :] > c[:, None]) & before).sum(axis=1)
+        t = ((c[None, :] == c[:, None]) & before).sum(axis=1)
+        if start:
+            prev = np.sort(s[:start])
+            right = np.searchsorted(prev, c, side="right")
+            a += start - right
+            t += right - np.searchsorted(prev, c, side="left")
+        above[start : start + c.size] = a
+        ties[start : start + c.size] = t
+    return above, ties
 
 
 TAIL = 0.01  # the tail bet pays when p <= TAIL ...
@@ -166,7 +211,7 @@ class DriftTest:
     def stream_scores(self) -> npt.NDArray[np.float64]:
         """The scores seen so far, sorted: the online bag less the calibration scores (the bag
         already holds every score, so nothing is kept twice)."""
-        values, in_bag = np.unique(np.asarray(self.online.bag, np.float64), return_counts=True)
+        values, in_bag = np.unique(self.online.sorted_bag(), return_counts=True)
         cal, in_cal = np.unique(self.calibration_sorted, return_counts=True)
         counts = in_bag.copy()
         counts[np.searchsorted(values, cal)] -= in_cal
