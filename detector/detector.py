@@ -6,6 +6,7 @@ anomalous**. ``is_anomaly`` is ``score > threshold``; ``p_value`` is small for a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,11 @@ from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
 
 DEFAULT_BATCH_SIZE = 512
+# What runs the network: torch (its forward pass traced into TorchScript), or onnxruntime (the
+# same graph exported to ONNX and run by ONNX Runtime on the CPU; detector.export): the same
+# parts to float32 precision. auto: onnxruntime on the CPU, where it is faster (single rows
+# 1.2-1.5x, batches 1.1x; README "Serving"), torch on a GPU.
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 
 
 class _ELBOGraph(torch.nn.Module):
@@ -46,6 +52,10 @@ class _ELBOGraph(torch.nn.Module):
         reconstruction = self.model.nll(x, self.model.decode(mu))  # (B,)
         kl = self.model.kl(mu, logvar)  # (B,)
         return reconstruction + kl, reconstruction, kl, mu
+
+
+def _has_onnxruntime() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -137,10 +147,18 @@ class Detector:
         device: str | torch.device = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         reference: npt.ArrayLike | torch.Tensor | None = None,
+        runtime: str = "torch",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+        if runtime == "onnxruntime" and self.device.type != "cpu":
+            raise ConfigError("the onnxruntime runtime runs on the CPU; use --device cpu")
+        if runtime == "auto":
+            runtime = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
+        self.runtime = runtime
         self.model = model.to(self.device).eval()
         # Posterior means of the training rows, (N, latent): the neighbour term's reference.
         self.reference: torch.Tensor | None = None
@@ -165,6 +183,7 @@ class Detector:
         self.metadata = metadata or {}
         self.batch_size = batch_size
         self._traced: torch.jit.ScriptModule | None = None
+        self._onnx: Any = None  # detector.export.OnnxRuntimeScorer, built on first use
 
     @classmethod
     def load(
@@ -173,8 +192,10 @@ class Detector:
         *,
         device: str | torch.device = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        runtime: str = "auto",
     ) -> Detector:
-        """Verify (checksums) and load an artifact directory."""
+        """Verify (checksums) and load an artifact directory; ``runtime``: see ``RUNTIMES``
+        (auto: ONNX Runtime on the CPU, torch on a GPU)."""
         dev = resolve_device(device)
         art = _artifact.load(path, device=dev)
         det = cls(
@@ -191,6 +212,7 @@ class Detector:
             device=dev,
             batch_size=batch_size,
             reference=art.reference,
+            runtime=runtime,
         )
         det._probe(art.path)
         return det
@@ -244,8 +266,9 @@ class Detector:
             device=self.device,
             batch_size=self.batch_size,
             reference=self.reference,
+            runtime=self.runtime,
         )
-        other._traced = self._traced  # same model, same graph
+        other._traced, other._onnx = self._traced, self._onnx  # same model, same graphs
         return other
 
     # -- scoring ----------------------------------------------------------------------------
@@ -366,6 +389,12 @@ class Detector:
         neighbour_k: int = DEFAULT_K,
     ) -> dict[str, npt.NDArray[np.float64]]:
         """The model's parts per row, and the neighbour distance when reference rows exist."""
+        if self.runtime == "onnxruntime" and kind == "elbo":
+            if self._onnx is None:
+                from detector.export import OnnxRuntimeScorer
+
+                self._onnx = OnnxRuntimeScorer(self)
+            return self._onnx.parts(arr, self.batch_size)
         chunks: list[ScoreParts] = []
         near: list[torch.Tensor] = []
         graph = self._elbo_graph() if kind == "elbo" else None

@@ -34,6 +34,8 @@ class Settings:
     # model_dir
     model_root: str = ""
     device: str = "cpu"
+    # what runs the network: auto (ONNX Runtime on the CPU, torch on a GPU), torch or onnxruntime
+    runtime: str = "auto"
     log_level: str = "info"
     access_log: bool = True
     drift_alpha: float = 0.01  # false-alarm bound of the drift test (detector.drift)
@@ -65,6 +67,8 @@ class Settings:
                 "enable_admin needs an API key: set VAE_ANOMALY_API_KEY, so that not everyone "
                 "who can reach the port can swap the model"
             )
+        if self.runtime not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(f"runtime must be auto, torch or onnxruntime, got {self.runtime!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(
                 f"log_level must be one of critical, error, warning, info, debug, got {self.log_level!r}"

@@ -51,6 +51,7 @@ class ModelHolder:
                     path,
                     device=self.settings.device,
                     batch_size=max(512, self.settings.max_batch_size),
+                    runtime=self.settings.runtime,
                 )
             except VAEAnomalyError as e:
                 self.metrics.reloads.labels("failure").inc()

@@ -146,6 +146,7 @@ class _ScoreActor:
         batch_size: int,
         threads: int,
         explain: bool = False,
+        runtime: str = "torch",
     ) -> None:
         import torch
 
@@ -158,7 +159,9 @@ class _ScoreActor:
             artifact = ray.get(artifact)
         for name, data in artifact.items():
             Path(self._dir.name, name).write_bytes(data)
-        self.detector = Detector.load(self._dir.name, device=device, batch_size=batch_size)
+        self.detector = Detector.load(
+            self._dir.name, device=device, batch_size=batch_size, runtime=runtime
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         x = table.column("x").combine_chunks()
@@ -194,12 +197,16 @@ def score_files_ray(
     cpus_per_actor: float = 1.0,
     batch_size: int = 2048,
     device: str = "auto",
+    runtime: str = "torch",
     progress: bool | None = None,
     num_cpus: int | None = None,
 ) -> Summary:
     """``score_files`` with Ray Data doing the reading and the scoring (see the module doc)."""
     ray = _import_ray()
-    detector = Detector.load(model, device="cpu")  # verified here first: fail before starting Ray
+    # verified here first (and the runtime tried): fail before starting Ray
+    detector = Detector.load(model, device="cpu", runtime=runtime)
+    if runtime == "onnxruntime" and device == "auto":
+        device = "cpu"
     artifact = _artifact_bytes(model)
     started = not ray.is_initialized()
     if started:
@@ -247,6 +254,7 @@ def score_files_ray(
                 "batch_size": batch_size,
                 "threads": max(1, int(cpus_per_actor)),
                 "explain": options.explain,
+                "runtime": runtime,
             },
             batch_size=None,
             batch_format="pyarrow",

@@ -67,6 +67,12 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     sv.add_argument("--device", help=f"cpu, cuda or auto (default {st.device})")
     sv.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "onnxruntime"],
+        help=f"what runs the network (default {st.runtime}: ONNX Runtime on the CPU, faster there; "
+        "torch on a GPU); the same scores to float32 precision",
+    )
+    sv.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         help=f"(default {st.log_level})",
@@ -92,8 +98,28 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     inf.add_argument("--model", required=True, help="artifact directory")
     inf.add_argument("--json", action="store_true", help="print JSON")
+
+    # -- export -------------------------------------------------------------------------------
+    ex = sub.add_parser(
+        "export",
+        help="write an artifact's scoring graph as ONNX, for other runtimes",
+        description="Write the network's scoring graph as one ONNX file (opset 18): input "
+        "'input' shaped (N, *input shape), float32; outputs 'reconstruction', 'kl', 'neighbour' "
+        "and 'score' (higher = more anomalous) in nats, equal to vae-anomaly's to float32 "
+        "precision. An image model's complexity credit (a DEFLATE code length) is not an ONNX "
+        "operator: its file has 'score_before_complexity' instead of 'score', and its metadata "
+        "(vae_anomaly.score_completion) says how to finish the score. The metadata also holds "
+        "the calibration (threshold, target FPR, calibration scores for p-values), the input "
+        "spec (a table's schema) and the model version.",
+        formatter_class=fmt,
+    )
+    ex.add_argument("--model", required=True, help="artifact directory")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="(default onnx)")
+    ex.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sv.set_defaults(handler=run_serve)
     inf.set_defaults(handler=run_info)
+    ex.set_defaults(handler=run_export)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -113,6 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
         enable_admin=args.enable_admin,
         model_root=args.model_root,
         device=args.device,
+        runtime=args.runtime,
         log_level=args.log_level,
         drift_alpha=args.drift_alpha,
         drift_window=args.drift_window,
@@ -152,4 +179,36 @@ def run_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         echo(f"{k:<{width}}  {v}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detector.detector import Detector
+    from detector.errors import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory; name the .onnx file to write")
+    try:
+        from detector.export import export_onnx, score_output_name
+    except ImportError as e:
+        raise ConfigError(
+            f"export needs the onnx package ({e.name} is not installed): pip install onnx"
+        ) from None
+    det = Detector.load(args.model, device="cpu")
+    size = export_onnx(det, out)
+    echo(f"wrote {out} ({size / 1e6:.1f} MB, model {det.model_version})")
+    echo(
+        f"outputs: {score_output_name(det)}, reconstruction, kl, neighbour (nats, higher = more "
+        "anomalous)"
+    )
+    if det.score_config.complexity_weight:
+        echo(
+            "the complexity credit is not in the graph: see the metadata "
+            "vae_anomaly.score_completion for how to finish the score"
+        )
     return 0
