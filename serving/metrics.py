@@ -28,6 +28,23 @@ from detector.threshold import Calibration
 
 PREFIX = "vae_anomaly"
 ROUTES = ("/score", "/metadata", "/healthz", "/readyz", "/metrics", "/admin/reload")
+# the Open Inference Protocol's routes, their model name and version folded into the label
+V2_INFER = "/v2/models/{name}/infer"
+V2_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready", V2_INFER, "/v2/models/{name}")
+
+
+def route_label(path: str) -> str:
+    """The ``route`` label of a request path: a known route, or ``other`` (bounded values)."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v2"):
+        if path.startswith("/v2/models/"):
+            return V2_INFER if path.endswith("/infer") else "/v2/models/{name}"
+        if path in V2_ROUTES:
+            return path
+    return "other"
+
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -245,8 +262,8 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        for route in ROUTES:
-            method = "GET" if route not in ("/score", "/admin/reload") else "POST"
+        for route in (*ROUTES, *V2_ROUTES):
+            method = "POST" if route in ("/score", "/admin/reload", V2_INFER) else "GET"
             self.request_latency.labels(route, method)
         for result in ("success", "failure"):
             self.reloads.labels(result)

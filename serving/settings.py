@@ -38,6 +38,7 @@ class Settings:
     runtime: str = "auto"
     log_level: str = "info"
     access_log: bool = True
+    model_name: str = "vae-anomaly"  # the model's name in the Open Inference Protocol's routes
     drift_alpha: float = 0.01  # false-alarm bound of the drift test (detector.drift)
     drift_window: int = 1000  # the last scores the drift KS statistic compares
 
@@ -66,6 +67,10 @@ class Settings:
             raise ConfigError(
                 "enable_admin needs an API key: set VAE_ANOMALY_API_KEY, so that not everyone "
                 "who can reach the port can swap the model"
+            )
+        if not self.model_name or not all(c.isalnum() or c in "-_." for c in self.model_name):
+            raise ConfigError(
+                f"model_name must be letters, digits, '-', '_' or '.', got {self.model_name!r}"
             )
         if self.runtime not in ("auto", "torch", "onnxruntime"):
             raise ConfigError(f"runtime must be auto, torch or onnxruntime, got {self.runtime!r}")

@@ -30,6 +30,8 @@ from serving.app.asgi import (
 from serving.app.holder import ModelHolder
 from serving.app.middleware import BodySizeLimit, Observability
 from serving.app.score import ScoreEndpoint
+from serving.app.v2 import InferEndpoint, document_infer_route
+from serving.app.v2 import register as register_v2
 from serving.batcher import MicroBatcher
 from serving.errors import (
     BadRequest,
@@ -277,10 +279,15 @@ def create_app(
         settings.max_instances,
     )
 
-    # Middleware, innermost first: POST /score answered before FastAPI's router; the body limit
+    register_v2(app, _version())
+    document_infer_route(app)
+
+    # Middleware, innermost first: POST /score and the Open Inference Protocol's infer answered
+    # before FastAPI's router; the body limit
     # around it (its 413 is raised while the body streams in); observability outermost so every
     # response, 413s included, is counted and logged.
     app.add_middleware(ScoreEndpoint, state=app.state)
+    app.add_middleware(InferEndpoint, state=app.state)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Observability, metrics=metrics, access=settings.access_log)
     return app

@@ -23,7 +23,7 @@ from serving.app.asgi import (
 from serving.errors import (
     PayloadTooLarge,
 )
-from serving.metrics import ROUTES, Metrics
+from serving.metrics import Metrics, route_label
 
 access_log = logging.getLogger("vae_anomaly.access")
 
@@ -84,7 +84,7 @@ class Observability:
         rid = header_value(scope, b"x-request-id") or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         path = scope.get("path", "")
-        route = path if path in ROUTES else "other"
+        route = route_label(path)
         method = scope.get("method", "GET")
         # Until a response starts: 500 if the app fails, 499 (nginx's "client closed request") if
         # it returns without answering because the client went away, so a disconnect does not

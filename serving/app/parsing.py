@@ -13,7 +13,7 @@ import numpy.typing as npt
 import orjson
 
 from detector.errors import InputError
-from detector.schema import CATEGORICAL, TableSchema
+from detector.schema import CATEGORICAL, Column, TableSchema
 from serving.app.asgi import (
     JSON_TYPES,
     NPY_TYPES,
@@ -115,23 +115,33 @@ def records_to_rows(instances: list[Any], schema: TableSchema) -> npt.NDArray[np
         if unknown:
             raise InputError(f"instance {k}: unknown column {unknown[0]!r}, not a model feature")
         for j, col in enumerate(schema.columns):
-            v = rec[col.name]
-            if isinstance(v, bool | dict | list):
-                raise InputError(
-                    f"instance {k}, column {col.name!r}: expected a number, text or null, got "
-                    f"{type(v).__name__}"
-                )
-            if col.kind == CATEGORICAL:
-                if isinstance(v, float) and v.is_integer():
-                    v = int(v)
-                columns[j].append(None if v is None else str(v))
-            elif v is None:
-                columns[j].append(math.nan)
-            elif isinstance(v, int | float):
-                columns[j].append(float(v))
-            else:
-                shown = v if len(v) <= 20 else v[:20] + "..."
-                raise InputError(f"instance {k}, column {col.name!r}: {shown!r} is not a number")
+            columns[j].append(cell(col, rec[col.name], f"instance {k}"))
+    return encode_checked(columns, schema)
+
+
+def cell(col: Column, v: Any, where: str) -> str | float | None:
+    """One JSON value of a table column as the schema's encoder takes it: text (or None) for a
+    categorical column, a float (NaN when missing) for a numeric one; refused naming ``where``
+    and the column otherwise."""
+    if isinstance(v, bool | dict | list):
+        raise InputError(
+            f"{where}, column {col.name!r}: expected a number, text or null, got {type(v).__name__}"
+        )
+    if col.kind == CATEGORICAL:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return None if v is None else str(v)
+    if v is None:
+        return math.nan
+    if isinstance(v, int | float):
+        return float(v)
+    shown = v if len(v) <= 20 else v[:20] + "..."
+    raise InputError(f"{where}, column {col.name!r}: {shown!r} is not a number")
+
+
+def encode_checked(columns: list[list[Any]], schema: TableSchema) -> npt.NDArray[np.float32]:
+    """Columns of cells (``cell``) encoded for the model; the first row that cannot be scored
+    (an absurd number, an infinity) is refused naming it."""
     enc = schema.encode(columns)
     if enc.bad.any():
         i = int(np.flatnonzero(enc.bad)[0])

@@ -10,12 +10,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
-from detector.detector import DetectionResult
+from detector.detector import DetectionResult, Detector
 from detector.errors import InputError, VAEAnomalyError
 from detector.explain import explain_rows
 from detector.spec import validate_samples
+from detector.threshold import Calibration
 from serving.app.asgi import (
     ASGIApp,
     Receive,
@@ -130,19 +132,7 @@ class ScoreEndpoint:
         if opts.clip and spec.value_range is not None:
             arr = np.clip(arr.astype(np.float32), spec.value_range[0], spec.value_range[1])
         x = validate_samples(arr, spec, name="instances")
-        parts, used = await state.batcher.submit(x)
-        infinite = np.flatnonzero(~np.isfinite(parts["score"]))
-        if infinite.size:  # never answer inf or null: the input is beyond the model's numbers
-            raise InputError(
-                f"instance {int(infinite[0])}: the score is not a finite number: the values are "
-                "too far outside the training data"
-            )
-        cal = used.calibration
-        assert cal is not None  # a served detector is always calibrated
-        if opts.target_fpr is not None:
-            cal = calibration_for(cal, opts.target_fpr)
-        decided = DetectionResult.from_parts(parts, cal)
-        state.metrics.observe_scores(decided.score, decided.is_anomaly)
+        decided, used, cal = await score_rows(state, x, opts.target_fpr)
         columns = {k: v.tolist() for k, v in decided.columns().items()}
         results: list[dict[str, Any]] = [
             dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
@@ -169,6 +159,28 @@ class ScoreEndpoint:
                 "results": results,
             }
         )
+
+
+async def score_rows(
+    state: Any, x: npt.NDArray[np.float32], target_fpr: float | None
+) -> tuple[DetectionResult, Detector, Calibration]:
+    """Validated rows scored through the micro-batcher and decided, counted in the metrics and
+    the drift test: the one path of ``POST /score`` and the Open Inference Protocol's infer.
+    Returns the results, the detector that scored them and the calibration that decided."""
+    parts, used = await state.batcher.submit(x)
+    infinite = np.flatnonzero(~np.isfinite(parts["score"]))
+    if infinite.size:  # never answer inf or null: the input is beyond the model's numbers
+        raise InputError(
+            f"instance {int(infinite[0])}: the score is not a finite number: the values are "
+            "too far outside the training data"
+        )
+    cal = used.calibration
+    assert cal is not None  # a served detector is always calibrated
+    if target_fpr is not None:
+        cal = calibration_for(cal, target_fpr)
+    decided = DetectionResult.from_parts(parts, cal)
+    state.metrics.observe_scores(decided.score, decided.is_anomaly)
+    return decided, used, cal
 
 
 async def read_body(receive: Receive) -> bytes | None:

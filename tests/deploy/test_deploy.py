@@ -134,6 +134,37 @@ def test_kubernetes_manifests_are_valid() -> None:
     assert sm["kind"] == "ServiceMonitor" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+def test_kserve_inference_service_matches_the_service() -> None:
+    """The KServe manifest (a CRD: no schema offline, so checked by what it must agree with): a
+    custom predictor on our image, its probes on the v2 health routes the service answers, every
+    VAE_ANOMALY_* variable a real setting, the port it listens on the one it declares, the model
+    where the storage initializer puts it, and the PVC the one pvc.yaml defines."""
+    from dataclasses import fields
+
+    from serving.app import create_app
+    from serving.settings import ENV_PREFIX, Settings
+
+    isvc = yaml.safe_load((DEPLOY / "k8s" / "kserve-inferenceservice.yaml").read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    (c,) = isvc["spec"]["predictor"]["containers"]
+    assert c["name"] == "kserve-container"  # the name KServe's storage initializer looks for
+    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    assert c["image"] == dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    settings = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    ours = {k for k in env if k.startswith(ENV_PREFIX)}
+    assert ours <= settings, ours - settings
+    st = Settings.from_env({k: v for k, v in env.items() if k in ours and v is not None})
+    assert [p["containerPort"] for p in c["ports"]] == [st.port]
+    assert st.model_dir == "/mnt/models" and st.host == "0.0.0.0"
+    pvc = yaml.safe_load((DEPLOY / "k8s" / "pvc.yaml").read_text())
+    assert env["STORAGE_URI"] == f"pvc://{pvc['metadata']['name']}"
+    routes = {getattr(r, "path", None) for r in create_app(Settings()).routes}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == st.port
+        assert c[probe]["httpGet"]["path"] in routes, probe
+
+
 def test_dockerfile_promises() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, flags=re.M)) >= 2  # multi-stage

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from detector.detector import Detector
 from serving.app import create_app
 from serving.settings import Settings
-from training.pipeline import TrainOutcome
+from training.pipeline import CalibrationOptions, DataOptions, TrainOutcome, train_detector
+from training.train import TrainConfig
 
 
 @pytest.fixture
@@ -47,3 +51,49 @@ def client(make_client) -> TestClient:  # type: ignore[no-untyped-def]
 def test_images(trained: TrainOutcome) -> np.ndarray:
     assert trained.split.x_test is not None
     return trained.split.x_test
+
+
+def _table(n: int, seed: int = 0) -> pd.DataFrame:
+    """A customer-like table: numbers, a text column, 5 % empty cells."""
+    rng = np.random.default_rng(seed)
+    age = rng.normal(40, 10, n)
+    income = 1000 + 50 * age + rng.normal(0, 200, n)
+    channel = rng.choice(["web", "phone", "store"], n, p=[0.6, 0.3, 0.1])
+    visits = rng.poisson(np.where(channel == "web", 8, 2)).astype(float)
+    df = pd.DataFrame({"age": age, "income": income, "channel": channel, "visits": visits})
+    for c in df.columns:
+        df.loc[rng.random(n) < 0.05, c] = None
+    return df
+
+
+@pytest.fixture(scope="session")
+def table_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A model trained with the default options (but few epochs) on a table with a text column
+    and 5 % empty cells; and the folder of its files."""
+    root = tmp_path_factory.mktemp("tables")
+    _table(800).to_csv(root / "normal.csv", index=False)
+    train_detector(
+        DataOptions(dataset=str(root / "normal.csv")),
+        train=TrainConfig(epochs=3, min_steps=0, device="cpu"),
+        calibration=CalibrationOptions(target_fpr=0.05),
+        out=root / "model",
+        progress=False,
+    )
+    return root / "model", root
+
+
+@pytest.fixture(scope="session")
+def table_client(table_model: tuple[Path, Path]):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    app = create_app(
+        Settings(access_log=False),
+        detector=Detector.load(table_model[0]),
+        registry=CollectorRegistry(),
+    )
+    with TestClient(app) as client:
+        yield client

@@ -67,6 +67,11 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     sv.add_argument("--device", help=f"cpu, cuda or auto (default {st.device})")
     sv.add_argument(
+        "--model-name",
+        help=f"the model's name in the Open Inference Protocol's /v2/models/NAME routes "
+        f"(default {st.model_name})",
+    )
+    sv.add_argument(
         "--runtime",
         choices=["auto", "torch", "onnxruntime"],
         help=f"what runs the network (default {st.runtime}: ONNX Runtime on the CPU, faster there; "
@@ -140,6 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model_root=args.model_root,
         device=args.device,
         runtime=args.runtime,
+        model_name=args.model_name,
         log_level=args.log_level,
         drift_alpha=args.drift_alpha,
         drift_window=args.drift_window,
