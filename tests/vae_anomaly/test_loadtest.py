@@ -77,3 +77,32 @@ def test_process_tree_cpu_counts_grandchildren() -> None:
         os.killpg(parent.pid, signal.SIGKILL)  # the grandchild is in the same process group
         parent.wait()
     assert process_tree_cpu(parent.pid) is None  # gone
+
+
+@pytest.mark.slow
+def test_loadtest_measures_both_protocols_and_the_bare_endpoint(trained) -> None:  # type: ignore[no-untyped-def]
+    from vae_anomaly.bench.loadtest import markdown, run_loadtest
+
+    report = run_loadtest(
+        str(trained.path),
+        concurrency=(2,),
+        npy_instances=50,
+        npy_concurrency=(1,),
+        seconds=0.4,
+        warmup=0.1,
+        peers=(1,),
+    )
+    rows = {(r["server"], r["scenario"]) for r in report["results"]}
+    assert rows == {
+        ("vae-anomaly", "json, 1 instance"),
+        ("vae-anomaly", "v2 json, 1 instance"),
+        ("vae-anomaly", "npy, 50 instances"),
+        ("bare endpoint, 1 worker", "json, 1 instance"),
+    }
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
+    assert {(r["scenario"], r["peer"]) for r in report["ratios"]} == {
+        ("json, 1 instance", "bare endpoint, 1 worker"),
+        ("v2 json, 1 instance", "bare endpoint, 1 worker"),
+    }
+    assert all(r["requests_per_s_ratio"] > 0 for r in report["ratios"])
+    assert "| bare endpoint, 1 worker | json, 1 instance | 2 |" in markdown(report)

@@ -3,7 +3,10 @@
 Starts ``vae-anomaly serve`` in a subprocess, then drives it from this process with a lean
 asyncio HTTP/1.1 client (keep-alive connections, one request in flight per client), so the
 client's own overhead stays small next to the server's. Scenarios: single-instance JSON requests
-at several concurrency levels, and large NPY requests.
+at several concurrency levels, through ``POST /score`` and the Open Inference Protocol's infer,
+and large NPY requests. With peers, the bare 20-line endpoint of ``vae_anomaly.bench.peer`` runs
+beside it (1 and 2 workers), each scenario measured on every server in turn, and the report gives
+the ratios.
 
 This is a benchmark command that prints figures, not a test.
 """
@@ -15,6 +18,7 @@ import io
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +32,8 @@ from vae_anomaly.bench.process import ServerProcess
 
 @dataclass
 class Result:
+    server: str
+    round: int
     scenario: str
     concurrency: int
     instances_per_request: int
@@ -44,9 +50,9 @@ class Result:
     client_cpu_ms_per_request: float  # this load generator's own CPU
 
 
-def _request(port: int, body: bytes, content_type: str) -> bytes:
+def _request(port: int, body: bytes, content_type: str, path: str = "/score") -> bytes:
     head = (
-        f"POST /score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     )
     return head.encode() + body
@@ -181,10 +187,12 @@ def process_tree_cpu(pid: int) -> float | None:
     return total
 
 
-def _summarise(name: str, conc: int, n_inst: int, m: _Measured) -> Result:
-    a = np.asarray(m.latencies) * 1000
+def _summarise(server: str, round_: int, name: str, conc: int, n_inst: int, m: _Measured) -> Result:
+    a = np.asarray(m.latencies or [0.0]) * 1000
     n = max(len(m.latencies), 1)
     return Result(
+        server=server,
+        round=round_,
         scenario=name,
         concurrency=conc,
         instances_per_request=n_inst,
@@ -221,6 +229,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+OURS = "vae-anomaly"
+V2_INFER = "/v2/models/vae-anomaly/infer"
+
+
+def peer_name(workers: int) -> str:
+    return f"bare endpoint, {workers} worker{'s' if workers > 1 else ''}"
+
+
 def run_loadtest(
     model_dir: str,
     *,
@@ -232,44 +248,89 @@ def run_loadtest(
     server_args: tuple[str, ...] = (),
     data: Any = None,
     log: Any = None,
+    protocols: tuple[str, ...] = ("score", "v2"),
+    peers: tuple[int, ...] = (),
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """``data``: samples to send (N, ...) in the model's input space; None = uniform noise."""
+    """``data``: samples to send (N, ...) in the model's input space; None = uniform noise.
+    ``peers``: worker counts of bare endpoints to measure beside the service (``peer``)."""
     art = load_artifact(model_dir)  # verify before starting anything
     spec = art.input_spec
+    if spec.schema is not None:  # a table's v2 inputs are its columns; /score takes its rows
+        protocols = tuple(p for p in protocols if p != "v2")
     lo, hi = spec.value_range or (0.0, 1.0)
     payload = "uniform noise over the input range" if data is None else f"{len(data)} given samples"
     if data is None:
         rng = np.random.default_rng(0)
         data = rng.uniform(lo, hi, size=(max(npy_instances, 1), *spec.shape))
     data = np.asarray(data, dtype=np.float32).reshape(len(data), *spec.shape)
-    json_body = json.dumps({"instances": data[:1].reshape(1, -1).round(4).tolist()}).encode()
+    one = data[:1].reshape(1, -1).round(4)
+    json_body = json.dumps({"instances": one.tolist()}).encode()
+    v2_body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, *spec.shape],
+                    "datatype": "FP32",
+                    "data": one.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
     buf = io.BytesIO()
     np.save(buf, data[np.arange(npy_instances) % len(data)])
     npy_body = buf.getvalue()
 
-    server = ServerProcess(
-        model_dir, "--log-level", "warning", *server_args, env={"VAE_ANOMALY_ACCESS_LOG": "false"}
-    )
-    port = server.port
+    servers = {
+        OURS: ServerProcess(
+            model_dir,
+            "--log-level",
+            "warning",
+            *server_args,
+            env={"VAE_ANOMALY_ACCESS_LOG": "false"},
+        )
+    }
+    for w in peers:
+        command = [sys.executable, "-m", "uvicorn", "vae_anomaly.bench.peer:app"]
+        command += ["--port", "{port}", "--workers", str(w), "--log-level", "warning"]
+        command += ["--no-access-log"]
+        servers[peer_name(w)] = ServerProcess(
+            model_dir, command=command, env={"PEER_MODEL_DIR": str(model_dir)}
+        )
     results: list[Result] = []
     try:
-        server.wait_ready()
+        for server in servers.values():
+            server.wait_ready()
         loop_policy = _fast_loop()
-        scenarios = [("json, 1 instance", 1, json_body, "application/json", c) for c in concurrency]
+        # (scenario, instances, body, content type, path, clients, servers that take it)
+        scenarios: list[tuple[str, int, bytes, str, str, int, list[str]]] = []
+        for c in concurrency:
+            if "score" in protocols:
+                scenarios.append(
+                    ("json, 1 instance", 1, json_body, JSON, "/score", c, list(servers))
+                )
+            if "v2" in protocols:
+                scenarios.append(("v2 json, 1 instance", 1, v2_body, JSON, V2_INFER, c, [OURS]))
         scenarios += [
-            (f"npy, {npy_instances} instances", npy_instances, npy_body, "application/x-npy", c)
+            (f"npy, {npy_instances} instances", npy_instances, npy_body, NPY, "/score", c, [OURS])
             for c in npy_concurrency
         ]
-        for name, n_inst, body, ctype, c in scenarios:
-            request = _request(port, body, ctype)
-            measured = _run(
-                loop_policy, _scenario(port, request, c, seconds, warmup, server.proc.pid)
-            )
-            results.append(_summarise(name, c, n_inst, measured))
-            if log:
-                log(_row(results[-1]))
+        for r in range(rounds):
+            for name, n_inst, body, ctype, path, c, takers in scenarios:
+                for who in takers:  # every server in turn: side by side under the same load
+                    server = servers[who]
+                    request = _request(server.port, body, ctype, path)
+                    measured = _run(
+                        loop_policy,
+                        _scenario(server.port, request, c, seconds, warmup, server.proc.pid),
+                    )
+                    results.append(_summarise(who, r, name, c, n_inst, measured))
+                    if log:
+                        log(_row(results[-1]))
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return {
         "machine": machine(),
         "payload": payload,
@@ -277,8 +338,48 @@ def run_loadtest(
         "input_shape": list(spec.shape),
         "server_args": list(server_args),
         "seconds_per_scenario": seconds,
+        "rounds": rounds,
         "results": [asdict(r) for r in results],
+        "ratios": ratios(results),
     }
+
+
+JSON, NPY = "application/json", "application/x-npy"
+
+
+def ratios(results: list[Result]) -> list[dict[str, Any]]:
+    """Ours against each bare endpoint, scenario by scenario and round by round: requests/s
+    (ours / theirs), p99 latencies, server CPU per request."""
+    theirs = {
+        (r.server, r.round, r.concurrency): r
+        for r in results
+        if r.server != OURS and r.scenario == "json, 1 instance"
+    }
+    out = []
+    for r in results:
+        if r.server != OURS or r.instances_per_request != 1:
+            continue
+        for (peer, round_, c), p in theirs.items():
+            if round_ != r.round or c != r.concurrency:
+                continue
+            cpu = (
+                r.server_cpu_ms_per_request / p.server_cpu_ms_per_request
+                if r.server_cpu_ms_per_request and p.server_cpu_ms_per_request
+                else None
+            )
+            out.append(
+                {
+                    "scenario": r.scenario,
+                    "concurrency": c,
+                    "round": round_,
+                    "peer": peer,
+                    "requests_per_s_ratio": r.requests_per_s / max(p.requests_per_s, 1e-9),
+                    "p99_ms": r.p99_ms,
+                    "peer_p99_ms": p.p99_ms,
+                    "server_cpu_ratio": cpu,
+                }
+            )
+    return out
 
 
 def _fast_loop() -> Any:
@@ -299,7 +400,7 @@ def _run(factory: Any, coro: Any) -> Any:
 
 
 HEADER = (
-    f"{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}"
+    f"{'server':<26}{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}"
     f"{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}"
 )
 
@@ -310,21 +411,48 @@ def _cpu(r: Result) -> str:
 
 def _row(r: Result) -> str:
     return (
-        f"{r.scenario:<24}{r.concurrency:>8}{r.requests:>10}{r.requests_per_s:>10,.0f}{r.instances_per_s:>11,.0f}"
+        f"{r.server:<26}{r.scenario:<24}{r.concurrency:>8}{r.requests:>10}{r.requests_per_s:>10,.0f}{r.instances_per_s:>11,.0f}"
         f"{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}{_cpu(r):>19}"
     )
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows = [
-        "| scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         cpu = r.get("server_cpu_ms_per_request")
         rows.append(
-            f"| {r['scenario']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['instances_per_s']:,.0f} | "
+            f"| {r.get('server', OURS)} | {r['scenario']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['instances_per_s']:,.0f} | "
             f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
             f"{'n/a' if cpu is None else f'{cpu:.2f}'} |"
+        )
+    if report.get("ratios"):
+        rows += ["", ratio_markdown(report["ratios"])]
+    return "\n".join(rows)
+
+
+def ratio_markdown(rs: list[dict[str, Any]]) -> str:
+    """Ratios grouped over rounds: min-max of requests/s (ours / the bare endpoint's), p99 and
+    CPU per request."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in rs:
+        groups.setdefault((r["scenario"], r["concurrency"], r["peer"]), []).append(r)
+    rows = [
+        "| ours | clients | against | req/s ratio | our p99 ms | their p99 ms | CPU/request ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def span(values: list[float], fmt: str) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}"
+
+    for (scenario, c, peer), g in groups.items():
+        cpu = [x["server_cpu_ratio"] for x in g if x["server_cpu_ratio"] is not None]
+        rows.append(
+            f"| {scenario} | {c} | {peer} | {span([x['requests_per_s_ratio'] for x in g], '.2f')}x"
+            f" | {span([x['p99_ms'] for x in g], '.2f')} | {span([x['peer_p99_ms'] for x in g], '.2f')}"
+            f" | {span(cpu, '.2f') + 'x' if cpu else 'n/a'} |"
         )
     return "\n".join(rows)

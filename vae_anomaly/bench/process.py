@@ -31,12 +31,20 @@ class ServerProcess:
     """``vae-anomaly serve --model DIR --port PORT [args]``; a context manager that waits ready."""
 
     def __init__(
-        self, model_dir: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None
+        self,
+        model_dir: str | os.PathLike[str],
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
+        """``command``: another server to run instead (``{port}`` in it becomes the port)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vae_anomaly", "serve", "--model", str(model_dir)]
-        cmd += ["--port", str(self.port), *args]
+        if command is not None:
+            cmd = [c.replace("{port}", str(self.port)) for c in command]
+        else:
+            cmd = [sys.executable, "-m", "vae_anomaly", "serve", "--model", str(model_dir)]
+            cmd += ["--port", str(self.port), *args]
         fd, log = tempfile.mkstemp(prefix=f"vae-anomaly-serve-{self.port}-", suffix=".log")
         self.log_path = Path(log)
         self._log = os.fdopen(fd, "w")

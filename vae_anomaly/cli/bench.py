@@ -138,8 +138,12 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "loadtest",
         help="benchmark the HTTP service on loopback: latency and throughput",
         description="Start 'vae-anomaly serve' on a free loopback port and measure latency "
-        "percentiles and throughput for single-instance JSON requests at each --concurrency, "
-        "and for NPY requests of --npy-instances instances. Prints a table; --out writes JSON.",
+        "percentiles and throughput for single-instance JSON requests at each --concurrency "
+        "(through POST /score and the Open Inference Protocol's infer, --protocols), and for "
+        "NPY requests of --npy-instances instances. --peer also starts the bare 20-line FastAPI "
+        "endpoint around Detector.score (vae_anomaly/bench/peer.py) with 1 and 2 workers and "
+        "measures it on the same requests, each scenario on every server in turn, --rounds "
+        "times; the report ends with the ratios. Prints a table; --out writes JSON and Markdown.",
         formatter_class=fmt,
     )
     lt.add_argument("--model", required=True, help="artifact directory")
@@ -169,7 +173,22 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         help="samples to send: 'mnist' (test images) or a .npy file in the model's input space; "
         "default: uniform noise over the input range (the slowest case for the complexity term)",
     )
-    lt.add_argument("--out", help="write the report as JSON here")
+    lt.add_argument(
+        "--protocols",
+        type=lambda v: tuple(p for p in v.split(",") if p),
+        default=("score", "v2"),
+        help="single-instance JSON through score (POST /score), v2 (the Open Inference "
+        "Protocol's infer) or both, comma-separated",
+    )
+    lt.add_argument(
+        "--peer",
+        action="store_true",
+        help="measure the bare endpoint (1 and 2 workers) beside the service, and the ratios",
+    )
+    lt.add_argument(
+        "--rounds", type=positive_int, default=1, help="times every scenario is measured"
+    )
+    lt.add_argument("--out", help="write the report as JSON here (and Markdown beside it)")
 
     # -- drift-benchmark ----------------------------------------------------------------------
     db = sub.add_parser(
@@ -309,8 +328,13 @@ def run_batch_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from detector._io import write_json
-    from vae_anomaly.bench.loadtest import HEADER, run_loadtest
+    from detector._io import atomic_output, write_json
+    from detector.errors import ConfigError
+    from vae_anomaly.bench.loadtest import HEADER, markdown, ratio_markdown, run_loadtest
+
+    unknown = set(args.protocols) - {"score", "v2"}
+    if unknown or not args.protocols:
+        raise ConfigError(f"--protocols takes score and v2, got {','.join(args.protocols)}")
 
     server_args = ["--workers", str(args.workers)]
     if args.max_wait_ms is not None:
@@ -335,12 +359,21 @@ def run_loadtest(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         server_args=tuple(server_args),
         log=echo,
+        protocols=args.protocols,
+        peers=(1, 2) if args.peer else (),
+        rounds=args.rounds,
     )
     m = report["machine"]
     echo(f"machine: {m['cpu']}, {m['cpus_usable']} usable CPUs; server {' '.join(server_args)}")
+    if report["ratios"]:
+        echo("")
+        echo(ratio_markdown(report["ratios"]))
     if args.out:
         write_json(args.out, report)
-        echo(f"report written to {args.out}")
+        md = Path(args.out).with_suffix(".md")
+        with atomic_output(md, "w") as f:
+            f.write(markdown(report) + "\n")
+        echo(f"report written to {args.out} and {md}")
     return 0
 
 
