@@ -6,6 +6,11 @@ adds every request already queued (they arrived while the previous forward pass 
 once in a single inference thread (off the event loop), and hands each request its own rows back.
 With ``max_wait = 0`` (the default) a lone request never waits, and batches still form under load.
 Scores are batch-invariant (``detector.score``), so batching changes latency, never results.
+
+A request that is alone (``submit(..., alone=True)``: no other request in flight in this worker,
+nothing queued, no batch running) and small is scored on the event loop's thread instead: with
+nobody to batch with, the hop to the inference thread and back only costs time (about 0.1 ms of
+CPU and latency per request at one client).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from detector.detector import Detector
 from serving.errors import ModelNotReady
 
 Parts = dict[str, npt.NDArray[np.float64]]
+INLINE_ROWS = 8  # a lone request this small is scored on the event loop's thread
 
 
 @dataclass
@@ -60,6 +66,7 @@ class MicroBatcher:
         )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._busy = False  # a batch is being gathered or scored
 
     def start(self) -> None:
         if self._task is None:
@@ -75,10 +82,21 @@ class MicroBatcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def submit(self, x: npt.NDArray[np.float32]) -> tuple[Parts, Detector]:
-        """Score validated rows; returns their score parts and the detector that scored them."""
+    async def submit(
+        self, x: npt.NDArray[np.float32], *, alone: bool = False
+    ) -> tuple[Parts, Detector]:
+        """Score validated rows; returns their score parts and the detector that scored them.
+        ``alone``: no other request is in flight (the caller knows); then a small request is
+        scored right here."""
         if self._closing or self._task is None:
             raise ModelNotReady("the service is shutting down")
+        if alone and not self._busy and self._queue.empty() and x.shape[0] <= INLINE_ROWS:
+            detector = self._get_detector()
+            t0 = time.perf_counter()
+            parts = detector.score_validated(x)
+            if self._on_batch is not None:
+                self._on_batch(x.shape[0], time.perf_counter() - t0)
+            return parts, detector
         fut: asyncio.Future[tuple[Parts, Detector]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(x, fut))
         return await fut
@@ -86,7 +104,9 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._busy = False
             first = await self._queue.get()
+            self._busy = True
             if first is None:
                 return
             jobs, rows = [first], first.x.shape[0]

@@ -135,6 +135,7 @@ def create_app(
     app.state.holder = holder
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.active = 0  # scoring requests in flight (POST /score and infer): see MicroBatcher
 
     # -- errors: the one mapping from exceptions to HTTP ------------------------------------------
     def _rid(request: Request) -> str | None:

@@ -97,6 +97,7 @@ class ScoreEndpoint:
             await self.app(scope, receive, send)
             return
         rid = scope.get("state", {}).get("request_id")
+        self.state.active += 1
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Method Not Allowed: use POST")
@@ -111,6 +112,8 @@ class ScoreEndpoint:
         except Exception:
             await send_json(send, 500, internal_error_body(rid))
             return
+        finally:
+            self.state.active -= 1
         await send_bytes(send, 200, payload)
 
     async def _score(self, scope: Scope, receive: Receive) -> bytes | None:
@@ -167,7 +170,7 @@ async def score_rows(
     """Validated rows scored through the micro-batcher and decided, counted in the metrics and
     the drift test: the one path of ``POST /score`` and the Open Inference Protocol's infer.
     Returns the results, the detector that scored them and the calibration that decided."""
-    parts, used = await state.batcher.submit(x)
+    parts, used = await state.batcher.submit(x, alone=state.active == 1)
     infinite = np.flatnonzero(~np.isfinite(parts["score"]))
     if infinite.size:  # never answer inf or null: the input is beyond the model's numbers
         raise InputError(

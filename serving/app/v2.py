@@ -75,6 +75,7 @@ class InferEndpoint:
         if match is None:
             await self.app(scope, receive, send)
             return
+        self.state.active += 1
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Method Not Allowed: use POST")
@@ -90,6 +91,8 @@ class InferEndpoint:
             detail = internal_error_body(scope.get("state", {}).get("request_id"))["detail"]
             await send_bytes(send, 500, orjson.dumps({"error": detail}))
             return
+        finally:
+            self.state.active -= 1
         payload, header_length = answer
         if header_length is None:
             await send_bytes(send, 200, payload)
@@ -177,6 +180,7 @@ def register(app: FastAPI, version: str) -> None:
         "/v2/health/ready",
         tags=["open inference protocol"],
         summary="A verified model is loaded (503 before)",
+        responses={503: {"description": "No model loaded yet"}},
     )
     async def ready() -> JSONResponse:
         is_ready = state.holder.detector is not None
@@ -200,10 +204,26 @@ def register(app: FastAPI, version: str) -> None:
         return JSONResponse({"name": name, "ready": True})
 
     tags: list[str | Any] = ["open inference protocol"]
+    unknown: dict[int | str, dict[str, Any]] = {
+        404: {"description": "Unknown model name or version: {'error': message}"},
+        503: {"description": "No model loaded yet"},
+    }
     for path in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        app.add_api_route(path, metadata, methods=["GET"], tags=tags, summary="Model metadata")
         app.add_api_route(
-            path + "/ready", model_ready, methods=["GET"], tags=tags, summary="The model is ready"
+            path,
+            metadata,
+            methods=["GET"],
+            tags=tags,
+            summary="Model metadata",
+            responses={**unknown, 401: {"description": "Missing or wrong API key"}},
+        )
+        app.add_api_route(
+            path + "/ready",
+            model_ready,
+            methods=["GET"],
+            tags=tags,
+            summary="The model is ready",
+            responses=unknown,
         )
 
 

@@ -146,7 +146,7 @@ class _ScoreActor:
         batch_size: int,
         threads: int,
         explain: bool = False,
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> None:
         import torch
 
@@ -197,7 +197,7 @@ def score_files_ray(
     cpus_per_actor: float = 1.0,
     batch_size: int = 2048,
     device: str = "auto",
-    runtime: str = "torch",
+    runtime: str = "auto",
     progress: bool | None = None,
     num_cpus: int | None = None,
 ) -> Summary:
