@@ -39,7 +39,10 @@ DEFAULT_BATCH_SIZE = 512
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 
 
-class _ELBOGraph(torch.nn.Module):
+class ELBOGraph(torch.nn.Module):
+    """The ELBO score's ops as one module: x -> (-ELBO, reconstruction, kl, E[z|x]); traced for
+    the torch runtime, exported for ONNX (``detector.export``)."""
+
     def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
@@ -347,7 +350,7 @@ class Detector:
             example = torch.zeros(2, *self.model.config.input_shape, device=self.device)
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TracerWarnings about Python ints in shapes
-                self._traced = torch.jit.trace(_ELBOGraph(self.model), example, check_trace=False)
+                self._traced = torch.jit.trace(ELBOGraph(self.model), example, check_trace=False)
         return self._traced
 
     def _score_array(

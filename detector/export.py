@@ -33,19 +33,17 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from detector._io import atomic_output
+from detector.detector import Detector, ELBOGraph
 from detector.errors import ConfigError
 from detector.model import VAE
 from detector.neighbours import neighbour_distance
-
-if TYPE_CHECKING:
-    from detector.detector import Detector
 
 OPSET = 18
 INPUT_NAME = "input"
@@ -67,8 +65,8 @@ class ScoringGraph(torch.nn.Module):
         latent_output: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model
-        self.latent_output = latent_output
+        self.elbo = ELBOGraph(model)
+        self.latent_output = latent_output  # the runtime scorer's graph: E[z|x] out, no search
         self.has_reference = reference is not None and not latent_output
         ref = reference if reference is not None else torch.zeros(1, model.config.latent_dim)
         self.register_buffer("reference", ref.detach().float().cpu().clone())
@@ -78,20 +76,16 @@ class ScoringGraph(torch.nn.Module):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.model.encode(x)  # (B, latent) each
-        reconstruction = self.model.nll(x, self.model.decode(mu))  # (B,)
-        kl = self.model.kl(mu, logvar)  # (B,)
-        if (
-            self.latent_output
-        ):  # the runtime scorer's graph: the neighbour term is torch's (see run)
-            return reconstruction + kl, reconstruction, kl, mu
+        elbo, reconstruction, kl, mu = self.elbo(x)  # (B,) x 3, (B, latent)
+        if self.latent_output:
+            return elbo, reconstruction, kl, mu
         if self.has_reference:
             diff = mu[:, None, :] - self.reference[None, :, :]  # (B, N, latent)
             d = diff.pow(2).sum(-1).sqrt()  # (B, N)
             neighbour = d.topk(self.k, dim=1, largest=False).values[:, -1]  # (B,)
         else:
             neighbour = torch.zeros_like(kl)
-        return reconstruction + kl + self.weight * neighbour, reconstruction, kl, neighbour
+        return elbo + self.weight * neighbour, reconstruction, kl, neighbour
 
 
 def score_output_name(det: Detector) -> str:
