@@ -376,6 +376,8 @@ class Detector:
             credit = parts["complexity"]
             if config.complexity_cap is not None:
                 credit = np.minimum(credit, config.complexity_cap)
+            if config.complexity_floor is not None:  # simpler than the normal data's range
+                credit = credit - np.maximum(0.0, config.complexity_floor - parts["complexity"])
             parts["score"] = parts["score"] - config.complexity_weight * credit
         else:
             parts["complexity"] = np.zeros_like(parts["score"])
@@ -431,6 +433,7 @@ class Detector:
             "score_definition": self.score_definition,
             "complexity_weight": self.score_config.complexity_weight,
             "complexity_cap": self.score_config.complexity_cap,
+            "complexity_floor": self.score_config.complexity_floor,
             "neighbour_weight": self.score_config.neighbour_weight,
             "n_reference": 0 if self.reference is None else int(self.reference.shape[0]),
             "input": self.input_spec.to_dict(),

@@ -178,9 +178,14 @@ def _completion(det: Detector) -> str:
         return "the score output is the whole score"
     vr = det.input_spec.value_range
     cap = "" if cfg.complexity_cap is None else f", {cfg.complexity_cap!r}"
+    floor = (
+        ""
+        if cfg.complexity_floor is None
+        else f" + {cfg.complexity_weight!r} * max(0, {cfg.complexity_floor!r} - complexity(x))"
+    )
     return (
         f"score = score_before_complexity - {cfg.complexity_weight!r} * min(complexity(x)"
-        f"{cap}), where complexity(x) is the {cfg.complexity_codec} (level "
+        f"{cap}){floor}, where complexity(x) is the {cfg.complexity_codec} (level "
         f"{cfg.complexity_level}) DEFLATE code length in nats of the input as 8-bit pixels "
         f"(value range {vr}) after the '{cfg.complexity_filter}' filter: "
         "detector.complexity.complexity_nats(x, value_range, level=..., codec=..., "

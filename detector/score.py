@@ -54,6 +54,7 @@ class ScoreConfig:
 
     score = -ELBO (``kind`` elbo, or the ``samples``-draw importance-weighted bound)
             - complexity_weight * min(L(x), complexity_cap)      (detector.complexity)
+            + complexity_weight * max(0, complexity_floor - L(x))
             + neighbour_weight * (distance from E[z|x] to its neighbour_k-th nearest training
               posterior mean)                                    (detector.neighbours)
 
@@ -69,6 +70,9 @@ class ScoreConfig:
     complexity_filter: str = DEFAULT_FILTER
     # min(L(x), cap): complexity above the cap earns no credit; None = uncapped
     complexity_cap: float | None = None
+    # max(0, floor - L(x)): an input simpler than the normal data's own range (by default the 1 %
+    # quantile of the validation rows' L) pays one nat per nat it falls short; None = no floor
+    complexity_floor: float | None = None
     neighbour_weight: float = 0.0
     neighbour_k: int = DEFAULT_K
 
@@ -81,6 +85,9 @@ class ScoreConfig:
         cap = self.complexity_cap
         if cap is not None and not (math.isfinite(cap) and cap >= 0):
             raise ConfigError(f"complexity cap must be a finite number >= 0 (nats), got {cap}")
+        floor = self.complexity_floor
+        if floor is not None and not (math.isfinite(floor) and floor >= 0):
+            raise ConfigError(f"complexity floor must be a finite number >= 0 (nats), got {floor}")
         if not (math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0):
             raise ConfigError(
                 f"neighbour weight must be a finite number >= 0, got {self.neighbour_weight}"
@@ -102,6 +109,7 @@ class ScoreConfig:
             "complexity_codec_version": codec_version(self.complexity_codec),
             "complexity_filter": self.complexity_filter,
             "complexity_cap": self.complexity_cap,
+            "complexity_floor": self.complexity_floor,
             "neighbour_weight": self.neighbour_weight,
             "neighbour_k": self.neighbour_k,
         }
@@ -109,6 +117,7 @@ class ScoreConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScoreConfig:
         cap = d.get("complexity_cap")
+        floor = d.get("complexity_floor")  # absent before the floor existed: none
         return cls(
             kind=str(d.get("score_kind", "elbo")),
             samples=int(d.get("score_samples", 1)),
@@ -119,6 +128,7 @@ class ScoreConfig:
             complexity_codec=str(d.get("complexity_codec", "zlib")),
             complexity_filter=str(d.get("complexity_filter", "none")),
             complexity_cap=None if cap is None else float(cap),
+            complexity_floor=None if floor is None else float(floor),
             neighbour_weight=float(d.get("neighbour_weight", 0.0)),
             neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
         )
@@ -148,10 +158,18 @@ class ScoreConfig:
             "complexity of the normal validation data), so inputs more complex than the normal "
             "data gain nothing from it"
         )
+        floor = self.complexity_floor
+        below = "" if floor is None else f" + {w}max(0, {floor:.1f} - complexity)"
+        floored = (
+            ""
+            if floor is None
+            else f"; an input simpler than {floor:.1f} nats (by default the 1 % quantile of the "
+            "normal validation data's complexity) pays one nat for each nat it falls short"
+        )
         filtered = "" if self.complexity_filter == "none" else " after PNG's Average filter"
         return (
-            f"score = reconstruction + kl - {w}{term}{near} (higher = more anomalous): the -ELBO "
-            f"corrected for input complexity (Serra et al., ICLR 2020){capped}; "
+            f"score = reconstruction + kl - {w}{term}{below}{near} (higher = more anomalous): the "
+            f"-ELBO corrected for input complexity (Serra et al., ICLR 2020){capped}{floored}; "
             "reconstruction = -log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), "
             f"complexity = DEFLATE code length ({self.complexity_codec} level "
             f"{self.complexity_level}) of the 8-bit input{filtered}"

@@ -25,10 +25,11 @@ from detector.spec import InputSpec
 from detector.threshold import validate_fpr
 from training.calibrate import (
     DEFAULT_COMPLEXITY_CAP_QUANTILE,
+    DEFAULT_COMPLEXITY_FLOOR_QUANTILE,
     DEFAULT_NEIGHBOUR_SHARE,
     DEFAULT_TARGET_FPR,
     calibrate,
-    complexity_cap,
+    complexity_bounds,
     neighbour_setup,
 )
 from training.data import (
@@ -106,6 +107,10 @@ class CalibrationOptions:
     # uncapped): on MNIST the capped term keeps the correction's gain, on Fashion-MNIST it no
     # longer hands complex anomalies a discount (docs/experiments.md).
     complexity_cap_quantile: float | None = DEFAULT_COMPLEXITY_CAP_QUANTILE
+    # An input whose L(x) is below this quantile of the validation normals' pays one nat per nat
+    # it falls short (None = no floor): simpler than nearly all normal data is evidence too (a 1
+    # under an 8 model; docs/experiments.md).
+    complexity_floor_quantile: float | None = DEFAULT_COMPLEXITY_FLOOR_QUANTILE
     # split: score the held-out calibration rows; cross-fit: K-fold out-of-fold scores of every
     # normal row; auto: cross-fit when the calibration split is too small (calibration_method).
     method: str = "auto"
@@ -265,17 +270,18 @@ def train_detector(
         "training",
         sample_shape=ds.sample_shape,
     )
-    cap = (
-        complexity_cap(
+    cap, floor = (
+        complexity_bounds(
             split.x_val,
             spec,
             cal_opts.complexity_cap_quantile,
+            cal_opts.complexity_floor_quantile,
             level=cal_opts.complexity_level,
             codec=cal_opts.complexity_codec,
             image_filter=cal_opts.complexity_filter,
         )
         if complexity_weight
-        else None
+        else (None, None)
     )
     likelihood = ScoreConfig(
         kind=cal_opts.score_kind,
@@ -285,6 +291,7 @@ def train_detector(
         complexity_codec=cal_opts.complexity_codec,
         complexity_filter=cal_opts.complexity_filter,
         complexity_cap=cap,
+        complexity_floor=floor,
     )  # the score without its neighbour term, whose weight is fitted against it
     reference, weight = neighbour_setup(
         result.model,

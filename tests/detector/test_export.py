@@ -46,6 +46,7 @@ def _check_file_parity(det: Detector, path: Path, x: npt.NDArray[np.float32]) ->
     cfg = det.score_config
     if cfg.complexity_weight:
         credit = np.minimum(parts["complexity"], cfg.complexity_cap or np.inf)
+        credit -= np.maximum(0.0, (cfg.complexity_floor or 0.0) - parts["complexity"])
         _close(out["score_before_complexity"] - cfg.complexity_weight * credit, parts["score"])
         assert "score" not in out
     else:
@@ -147,6 +148,7 @@ def test_export_command(trained, tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "score_before_complexity" in said and "score_completion" in said
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert "min(complexity(x)" in meta["vae_anomaly.score_completion"]
+    assert "max(0, " in meta["vae_anomaly.score_completion"]  # the floor
     assert main(["export", "--model", str(trained.path), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["export", "--model", str(trained.path), "--out", str(out), "--overwrite"]) == 0

@@ -22,12 +22,15 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     cal = det.score_config
     assert cal.complexity_weight == 1.0  # images: on
     assert cal.complexity_cap is not None  # capped at the validation images' median L
+    assert cal.complexity_floor is not None  # and floored at their 1 % quantile
+    assert cal.complexity_floor < cal.complexity_cap
     assert cal.neighbour_weight > 0  # the latent-neighbour term: on by default
     parts = det.score_parts(_pool(digits))
     np.testing.assert_allclose(
         parts["reconstruction"]
         + parts["kl"]
         - np.minimum(parts["complexity"], cal.complexity_cap)
+        + np.maximum(0.0, cal.complexity_floor - parts["complexity"])
         + cal.neighbour_weight * parts["neighbour"],
         parts["score"],
         rtol=1e-6,
@@ -36,8 +39,15 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     assert (parts["complexity"] > cal.complexity_cap).any()  # the cap is in the data's range
     assert (parts["complexity"] < cal.complexity_cap).any()
     assert (parts["neighbour"] >= 0).all() and parts["neighbour"].max() > 0
+    simple = parts["complexity"] < cal.complexity_floor  # simpler than 99 % of the normal data
+    assert simple.any() and not simple.all()
+    unfloored = det.score_parts(_pool(digits), config=cal.replace(complexity_floor=None))
+    gap = cal.complexity_floor - parts["complexity"][simple]
+    np.testing.assert_allclose(parts["score"][simple] - unfloored["score"][simple], gap, rtol=1e-6)
+    np.testing.assert_array_equal(parts["score"][~simple], unfloored["score"][~simple])
     uncapped = det.score_parts(
-        _pool(digits), config=cal.replace(complexity_cap=None, neighbour_weight=0.0)
+        _pool(digits),
+        config=cal.replace(complexity_cap=None, complexity_floor=None, neighbour_weight=0.0),
     )
     np.testing.assert_allclose(
         uncapped["reconstruction"] + uncapped["kl"] - uncapped["complexity"],
@@ -47,7 +57,8 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     )
     assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
     plain = det.score_parts(
-        _pool(digits), config=cal.replace(complexity_weight=0.0, neighbour_weight=0.0)
+        _pool(digits),
+        config=cal.replace(complexity_weight=0.0, complexity_floor=None, neighbour_weight=0.0),
     )
     np.testing.assert_allclose(
         plain["reconstruction"] + plain["kl"], plain["score"], rtol=1e-6, atol=1e-3

@@ -92,16 +92,19 @@ def test_calibration_records_cap_and_protocol() -> None:
     cal = Calibration.fit(
         np.arange(200.0),
         0.02,
-        score_config=ScoreConfig(complexity_weight=1.0, complexity_cap=300.0),
+        score_config=ScoreConfig(
+            complexity_weight=1.0, complexity_cap=300.0, complexity_floor=120.0
+        ),
     )
     assert cal.protocol == "split"
     xf = Calibration.fit(np.arange(200.0), 0.02, protocol="cross-fit")
     for c in (cal, xf):
         assert Calibration.from_dict(c.to_dict()) == c
     old = cal.to_dict()
-    del old["complexity_cap"], old["protocol"]  # written before either existed
+    del old["complexity_cap"], old["complexity_floor"], old["protocol"]  # before they existed
     back = Calibration.from_dict(old)
     assert back.score_config.complexity_cap is None and back.protocol == "split"
+    assert back.score_config.complexity_floor is None
 
 
 @pytest.mark.parametrize(
@@ -109,6 +112,7 @@ def test_calibration_records_cap_and_protocol() -> None:
     [
         ({"complexity_cap": -1.0}, "complexity cap must be a finite number >= 0"),
         ({"complexity_cap": float("nan")}, "complexity cap must be a finite number >= 0"),
+        ({"complexity_floor": -3.0}, "complexity floor must be a finite number >= 0"),
         ({"protocol": "jackknife"}, "unknown calibration protocol 'jackknife'"),
     ],
 )
@@ -139,6 +143,7 @@ def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same
     assert cal.threshold == saved["threshold"]
     written = cal.to_dict()
     del written["complexity_codec_version"], saved["complexity_codec_version"]  # the library's
+    assert written.pop("complexity_floor") is None  # added since, absent = no floor
     assert written == saved
 
 

@@ -125,6 +125,14 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "'none' = uncapped",
     )
     g.add_argument(
+        "--complexity-floor",
+        type=cap_quantile,
+        default=co.complexity_floor_quantile,
+        help="an image simpler than this quantile of the validation images' complexity pays one "
+        "nat for each nat it falls short (simpler than nearly all normal data is evidence of an "
+        "anomaly); 'none' = no floor",
+    )
+    g.add_argument(
         "--neighbour-share",
         type=share_arg,
         default=co.neighbour_share,
@@ -171,6 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
             score_samples=args.score_samples,
             complexity_weight=args.complexity_weight,
             complexity_cap_quantile=args.complexity_cap,
+            complexity_floor_quantile=args.complexity_floor,
             neighbour_share=args.neighbour_share,
             method=args.calibration,
         ),
