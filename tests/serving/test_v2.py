@@ -13,8 +13,10 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from detector.detector import DetectionResult
 from training.pipeline import TrainOutcome
 
+COLUMNS = DetectionResult.COLUMNS
 INFER = "/v2/models/vae-anomaly/infer"
 
 
@@ -42,15 +44,7 @@ def test_server_and_model_metadata_and_readiness(client: TestClient, trained: Tr
     assert meta["versions"] == [det.model_version]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     names = [o["name"] for o in meta["outputs"]]
-    assert names == [
-        "score",
-        "reconstruction",
-        "kl",
-        "complexity",
-        "neighbour",
-        "p_value",
-        "is_anomaly",
-    ]
+    assert names == list(COLUMNS)  # POST /score's results, in their order
     assert client.get(f"/v2/models/vae-anomaly/versions/{det.model_version}").status_code == 200
     assert client.get("/v2/models/vae-anomaly/ready").json() == {
         "name": "vae-anomaly",
@@ -81,15 +75,8 @@ def test_infer_equals_post_score(client: TestClient, test_images: np.ndarray) ->
     assert body["model_version"] == want["model_version"]
     assert body["parameters"]["threshold"] == want["threshold"]
     out = _outputs(body)
-    for name in (
-        "score",
-        "reconstruction",
-        "kl",
-        "complexity",
-        "neighbour",
-        "p_value",
-        "is_anomaly",
-    ):
+    assert list(out) == list(COLUMNS)
+    for name in COLUMNS:
         assert out[name]["shape"] == [7]
         assert out[name]["data"] == [row[name] for row in want["results"]], name
     assert out["is_anomaly"]["datatype"] == "BOOL" and out["score"]["datatype"] == "FP64"
