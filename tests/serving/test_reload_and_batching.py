@@ -183,3 +183,43 @@ def test_batcher_caps_batch_size_and_reports_errors(trained: TrainOutcome) -> No
 
     asyncio.run(main())
     assert sum(batches) == 12 and max(batches) <= 6  # a batch stops growing once it reaches 4 rows
+
+
+def test_a_lone_small_request_is_scored_on_the_callers_thread(trained: TrainOutcome) -> None:
+    """``alone=True`` (no other request in flight): a request of at most INLINE_ROWS rows is
+    scored right away on the event loop's thread, with the queued path's results; a larger one,
+    or one that is not alone, goes through the inference thread."""
+    import threading
+
+    from serving.batcher import INLINE_ROWS
+
+    det = trained.detector
+    assert trained.split.x_test is not None
+    x = trained.split.x_test[:3]
+    threads: list[str] = []
+
+    class Spy(Detector):
+        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            threads.append(threading.current_thread().name)
+            return super().score_validated(x)
+
+    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference)
+    batches: list[int] = []
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        b = MicroBatcher(lambda: spy, max_wait=0.0, on_batch=lambda n, s: batches.append(n))
+        b.start()
+        try:
+            inline, _ = await b.submit(x, alone=True)
+            queued, _ = await b.submit(x)
+            big, _ = await b.submit(trained.split.x_test[: INLINE_ROWS + 1], alone=True)
+        finally:
+            await b.stop()
+        return [inline, queued, big]
+
+    inline, queued, big = asyncio.run(main())
+    assert len(big["score"]) == INLINE_ROWS + 1
+    main_thread = threading.main_thread().name
+    assert threads[0] == main_thread and threads[1] != main_thread and threads[2] != main_thread
+    np.testing.assert_array_equal(inline["score"], queued["score"])
+    assert batches == [3, 3, INLINE_ROWS + 1]  # every path is counted in the batch metrics
