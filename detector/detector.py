@@ -36,7 +36,7 @@ DEFAULT_BATCH_SIZE = 512
 # same graph exported to ONNX and run by ONNX Runtime on the CPU; detector.export): the same
 # parts to float32 precision. auto: onnxruntime on the CPU, where it is faster (single rows
 # 1.2-1.5x, batches 1.1x; README "Serving"), torch on a GPU.
-RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")  # serving.settings.RUNTIMES too
 
 
 class ELBOGraph(torch.nn.Module):

@@ -15,6 +15,7 @@ from detector.errors import ConfigError
 from serving.cpus import cpu_quota
 
 ENV_PREFIX = "VAE_ANOMALY_"
+RUNTIMES = ("auto", "torch", "onnxruntime")  # detector.detector.RUNTIMES, without loading torch
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class Settings:
             raise ConfigError(
                 f"model_name must be letters, digits, '-', '_' or '.', got {self.model_name!r}"
             )
-        if self.runtime not in ("auto", "torch", "onnxruntime"):
-            raise ConfigError(f"runtime must be auto, torch or onnxruntime, got {self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(
                 f"log_level must be one of critical, error, warning, info, debug, got {self.log_level!r}"

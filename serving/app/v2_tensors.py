@@ -84,7 +84,8 @@ def parse_infer(
             f"Inference-Header-Content-Length is {header_length}, but the body holds "
             f"{len(body)} bytes"
         )
-    head, binary = (body, b"") if header_length is None else _split(body, header_length)
+    n = len(body) if header_length is None else header_length
+    head, binary = body[:n], body[n:]
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as e:
@@ -138,10 +139,6 @@ def parse_infer(
             "claims (binary_data_size)"
         )
     return req
-
-
-def _split(body: bytes, n: int) -> tuple[bytes, bytes]:
-    return body[:n], body[n:]
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

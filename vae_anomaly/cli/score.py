@@ -16,6 +16,7 @@ from vae_anomaly.cli._common import (
 
 def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     """Register the score command on ``sub``."""
+    from serving.settings import RUNTIMES
 
     # -- score --------------------------------------------------------------------------------
     sc = sub.add_parser(
@@ -84,7 +85,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     sc.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sc.add_argument(
         "--runtime",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=RUNTIMES,
         default="auto",
         help="what runs the network (default auto: ONNX Runtime on the CPU, faster there; torch "
         "on a GPU); the same scores to float32 precision",

@@ -15,7 +15,7 @@ from vae_anomaly.cli._common import (
 
 def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     """Register the serve and info commands on ``sub``."""
-    from serving.settings import Settings
+    from serving.settings import RUNTIMES, Settings
 
     st = Settings()
 
@@ -73,7 +73,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     sv.add_argument(
         "--runtime",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=RUNTIMES,
         help=f"what runs the network (default {st.runtime}: ONNX Runtime on the CPU, faster there; "
         "torch on a GPU); the same scores to float32 precision",
     )
