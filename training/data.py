@@ -42,6 +42,7 @@ from training.idx import (  # noqa: F401  (re-exported: the data API in one plac
     read_idx,
     verify_sha256,
 )
+from training.value_range import VALUE_RANGE_AUTO, image_range
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ def load_array(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
         raise DataError(f"{p}: no such file")
     suffix = p.suffix.lower()
     if suffix == ".npy":
-        arr = _read_npy(p)
-    elif suffix in TABLE_SUFFIXES:
+        return _as_samples(_read_npy(p), p)
+    if suffix in TABLE_SUFFIXES:
         table, _ = read_table(p)
         text = [
             n
@@ -200,11 +201,12 @@ def load_array(path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
         ]
         if text:
             raise DataError(f"{p}: column {text[0]!r} is not a column of numbers")
-        arr = numeric_rows(table)
-    else:
-        raise DataError(
-            f"{p}: unsupported file type {suffix or '(none)'}; use .npy, .csv or .parquet"
-        )
+        return _as_samples(numeric_rows(table), p)
+    raise DataError(f"{p}: unsupported file type {suffix or '(none)'}; use .npy, .csv or .parquet")
+
+
+def _as_samples(arr: npt.NDArray[Any], p: Path) -> npt.NDArray[np.float32]:
+    """float32 samples, every one finite."""
     if arr.shape[0] == 0:
         raise DataError(f"{p} holds no samples")
     arr = arr.astype(np.float32)
@@ -293,30 +295,39 @@ def load_dataset(
     *,
     fetch: bool = True,
     table: TableOptions | None = None,
+    value_range: tuple[float, float] | str | None = VALUE_RANGE_AUTO,
 ) -> Dataset:
-    """A built-in data set by name (mnist, fashion-mnist, digits), or a user's normal data:
-    a table (.csv / .parquet, or a 2-D .npy) or an array of images (.npy, N x ...)."""
+    """A built-in data set by name (mnist, fashion-mnist, digits), or a user's normal data: a
+    table (.csv / .parquet, or a 2-D .npy) or images (.npy, N x ...) with ``value_range``
+    ("auto": inferred, (lo, hi): declared, None: unknown; ``training.value_range``)."""
+    p, suffix = Path(name), Path(name).suffix.lower()
+    if name not in BUILTIN_DATASETS and suffix in (".npy", *TABLE_SUFFIXES) and not p.is_file():
+        raise DataError(f"{p}: no such file")
+    raw = _read_npy(p) if name not in BUILTIN_DATASETS and suffix == ".npy" else None
+    if value_range != VALUE_RANGE_AUTO and (raw is None or raw.ndim == 2):
+        raise DataError(f"--value-range applies to images in a .npy file, not to {name}")
     if name == "mnist":
         return load_mnist(data_dir, fetch=fetch)
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir)
     if name == "digits":
         return load_digits_dataset()
-    p = Path(name)
-    suffix = p.suffix.lower()
-    if suffix in (".npy", *TABLE_SUFFIXES):
-        if not p.is_file():
-            raise DataError(f"{p}: no such file")
-        if suffix in TABLE_SUFFIXES or _read_npy(p).ndim == 2:
-            return load_table(p, table)
-        x = load_array(p)
+    if raw is not None and raw.ndim > 2:
+        x = _as_samples(raw, p)
+        vr, why = image_range(raw, x, value_range)
+        log.info("%s: value range %s (%s)", p.name, vr, why)
         return Dataset(
             name=p.name,
             x_train=x,
             y_train=None,
-            preprocessing="none: features used as given",
+            value_range=vr,
+            preprocessing=f"pixel values in [{vr[0]:g}, {vr[1]:g}] ({why}), modelled on [0, 1]"
+            if vr
+            else f"none: features used as given; no value range ({why})",
             provenance={"dataset": "file", "source": str(p.resolve()), "sha256": sha256_file(p)},
         )
+    if suffix in (".npy", *TABLE_SUFFIXES):
+        return load_table(p, table)
     raise DataError(
         f"unknown data set {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a .csv / "
         ".parquet / .npy file"

@@ -33,9 +33,11 @@ def fit_model(
     progress: bool | None,
     desc: str,
     sample_shape: tuple[int, ...] = (),
+    value_range: tuple[float, float] | None = None,
 ) -> TrainResult:
-    """Fit one VAE: standardisation from the training rows, the data's augmentation
-    (``training.augment``; ``sample_shape`` is the data's own, e.g. (1, 28, 28))."""
+    """Fit one VAE: its input map (tables: per column; images: their ``value_range`` onto
+    [0, 1]; other real values: per feature), the data's augmentation (``training.augment``;
+    ``sample_shape`` is the data's own, e.g. (1, 28, 28))."""
     torch.manual_seed(train.seed)
     vae = VAE(cfg)
     if cfg.is_table:
@@ -45,6 +47,12 @@ def fit_model(
         for start, size in cfg.categorical:
             mean[start : start + size], scale[start : start + size] = 0.0, 1.0
         vae.set_standardization(torch.from_numpy(mean), torch.from_numpy(scale))
+    elif cfg.likelihood == "gaussian" and value_range is not None:
+        # Images with a known range (a user's uint8 .npy: 0-255) are mapped onto [0, 1], the
+        # scale the built-in image sets are modelled on, so sigma means the same for both.
+        lo, hi = value_range
+        d = x_train[0].size
+        vae.set_standardization(torch.full((d,), float(lo)), torch.full((d,), float(hi - lo)))
     elif cfg.likelihood == "gaussian" and not in_unit:
         # Real-valued features: standardise with the training data's statistics (saved with the
         # weights). Data already in [0, 1] (images) is modelled as it is.
@@ -97,6 +105,7 @@ def cross_fit_calibration(
             progress,
             f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}",
             sample_shape=spec.shape,
+            value_range=model_range(cfg, spec),
         )
         reference, weight = neighbour_setup(
             fold.model,
@@ -113,6 +122,13 @@ def cross_fit_calibration(
     return Calibration.fit(
         scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
     )
+
+
+def model_range(cfg: VAEConfig, spec: InputSpec) -> tuple[float, float] | None:
+    """The value range the model maps onto [0, 1]: an image's known range, Gaussian only."""
+    if cfg.is_table or cfg.likelihood != "gaussian" or spec.value_range == (0.0, 1.0):
+        return None
+    return spec.value_range
 
 
 def _masked_moments(

@@ -40,8 +40,15 @@ from training.data import (
     one_vs_rest,
     split_normal,
 )
-from training.fitting import CROSS_FIT_FOLDS, cross_fit_calibration, fit_model, flat
+from training.fitting import (
+    CROSS_FIT_FOLDS,
+    cross_fit_calibration,
+    fit_model,
+    flat,
+    model_range,
+)
 from training.train import TrainConfig
+from training.value_range import parse_value_range
 
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
 
@@ -63,6 +70,9 @@ class DataOptions:
     numeric: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     delimiter: str | None = None
+    # a user's images (.npy): "auto" (uint8 = 0-255, floats within [0, 1] = [0, 1]), "none" or
+    # "LO,HI" (training.value_range)
+    value_range: str = "auto"
 
     def table_options(self) -> TableOptions:
         return TableOptions(
@@ -232,7 +242,13 @@ def train_detector(
     ds = (
         dataset
         if dataset is not None
-        else load_dataset(data.dataset, data.data_dir, fetch=data.fetch, table=data.table_options())
+        else load_dataset(
+            data.dataset,
+            data.data_dir,
+            fetch=data.fetch,
+            table=data.table_options(),
+            value_range=parse_value_range(data.value_range),
+        )
     )
     if split is None:
         split = make_split(ds, data)
@@ -269,6 +285,7 @@ def train_detector(
         progress,
         "training",
         sample_shape=ds.sample_shape,
+        value_range=model_range(cfg, spec),
     )
     cap, floor = (
         complexity_bounds(

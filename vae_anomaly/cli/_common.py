@@ -100,6 +100,18 @@ def cap_quantile(s: str) -> float | None:
     return v
 
 
+def value_range(s: str) -> str:
+    """``--value-range``: auto, none, or LO,HI (checked here, parsed by training.value_range)."""
+    from detector.errors import DataError
+    from training.value_range import parse_value_range
+
+    try:
+        parse_value_range(s)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
 def add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
     g = p.add_argument_group("model")
     g.add_argument(

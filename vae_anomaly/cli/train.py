@@ -15,6 +15,7 @@ from vae_anomaly.cli._common import (
     positive_int,
     share_arg,
     train_config,
+    value_range,
 )
 
 
@@ -71,6 +72,15 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     )
     g.add_argument(
         "--split-seed", type=int, default=do.split_seed, help="seed of the train/val/cal split"
+    )
+    g.add_argument(
+        "--value-range",
+        type=value_range,
+        default=do.value_range,
+        help="images in a .npy: the range their pixels live in, LO,HI (e.g. 0,255), or 'auto' "
+        "(uint8 and uint16 by their type; floats within [0, 1] as [0, 1]; whole numbers within "
+        "0-255 as 8-bit), or 'none'. A known range gives your images what the built-in sets get: "
+        "the model sees them mapped onto [0, 1] and the score its complexity term",
     )
     g = tr.add_argument_group("tables (.csv / .parquet)")
     g.add_argument(
@@ -170,6 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
             numeric=args.numeric,
             drop=args.drop,
             delimiter=args.delimiter,
+            value_range=args.value_range,
         ),
         model_options(args),
         train_config(args),
@@ -198,6 +209,8 @@ def run_train(args: argparse.Namespace) -> int:
     schema = det.input_spec.schema
     if schema is not None:
         echo(f"table: {schema.kinds_summary()}")
+    elif args.dataset.lower().endswith(".npy"):  # a user's images
+        echo(f"images {det.input_spec.shape}: {det.input_spec.preprocessing}")
     cal = det.calibration
     assert cal is not None
     how = (
