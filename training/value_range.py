@@ -54,6 +54,8 @@ def infer_value_range(raw: npt.NDArray[Any]) -> tuple[tuple[float, float] | None
 def image_range(
     raw: npt.NDArray[Any], x: npt.NDArray[np.float32], declared: tuple[float, float] | str | None
 ) -> tuple[tuple[float, float] | None, str]:
+    """The images' range and how it was found: ``declared`` "auto" infers it from ``raw`` (the
+    array as stored: its dtype counts), a (lo, hi) pair must hold every value of ``x``."""
     if declared == VALUE_RANGE_AUTO:
         vr, why = infer_value_range(raw)
         return vr, f"inferred: {why}"
