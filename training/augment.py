@@ -6,8 +6,9 @@ towards the anomalies'. Shifting half of each batch by up to one pixel in each d
 padding at the border) teaches the model that a one-pixel offset is not a difference, at no cost
 at scoring time. Measured on MNIST and Fashion-MNIST one-vs-rest in docs/experiments.md.
 
-Used for inputs with two spatial axes (images: the data's sample shape is (H, W) or (C, H, W)
-with H and W >= 8); tables and flat feature vectors are not augmented.
+Used for inputs with two spatial axes (images: the data's sample shape is (H, W), (C, H, W) or
+channels-last (H, W, C) with C <= 4, as ``detector.complexity.image_axes`` reads them; H and W
+>= 8); tables and flat feature vectors are not augmented.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from detector.complexity import image_axes
 
 AUGMENTATIONS: tuple[str, ...] = ("auto", "none", "shift")
 MIN_SIDE = 8  # smaller "images" (a 2-D table of 3 x 4 readings) are not translated
@@ -26,6 +29,8 @@ def image_size(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     dims = tuple(d for d in sample_shape if d != 1) if len(sample_shape) > 3 else sample_shape
     if len(dims) == 2:
         c, (h, w) = 1, dims
+    elif channels_last(dims):
+        h, w, c = dims
     elif len(dims) == 3:
         c, h, w = dims
     else:
@@ -33,13 +38,24 @@ def image_size(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     return (c, h, w) if min(h, w) >= MIN_SIDE else None
 
 
+def channels_last(sample_shape: tuple[int, ...]) -> bool:
+    """Whether a sample of this shape is an (H, W, C) image (the complexity term's reading)."""
+    return len(sample_shape) == 3 and image_axes(sample_shape) == (0, 1)
+
+
 class Shift:
     """Translate a random half of a batch by -k..k pixels along each spatial axis."""
 
     def __init__(
-        self, image: tuple[int, int, int], pixels: int = 1, share: float = 0.5, seed: int = 0
+        self,
+        image: tuple[int, int, int],
+        pixels: int = 1,
+        share: float = 0.5,
+        seed: int = 0,
+        channels_last: bool = False,
     ) -> None:
         self.c, self.h, self.w = image
+        self.last = channels_last
         self.k, self.share = pixels, share
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -51,7 +67,12 @@ class Shift:
         dy = torch.where(moved, torch.randint(0, 2 * k + 1, (b,), generator=self.gen), k)
         dx = torch.where(moved, torch.randint(0, 2 * k + 1, (b,), generator=self.gen), k)
         dev = xb.device
-        img = F.pad(xb.reshape(b, self.c, self.h, self.w), (k, k, k, k))
+        img = (
+            xb.reshape(b, self.h, self.w, self.c).permute(0, 3, 1, 2)
+            if self.last
+            else xb.reshape(b, self.c, self.h, self.w)
+        )
+        img = F.pad(img, (k, k, k, k))
         rows = (dy[:, None] + torch.arange(self.h)).to(dev)  # (b, h)
         cols = (dx[:, None] + torch.arange(self.w)).to(dev)  # (b, w)
         out = img[
@@ -60,7 +81,7 @@ class Shift:
             rows[:, None, :, None],
             cols[:, None, None, :],
         ]
-        return out.reshape(xb.shape)
+        return (out.permute(0, 2, 3, 1) if self.last else out).reshape(xb.shape)
 
 
 def make_augmentation(
@@ -79,4 +100,5 @@ def make_augmentation(
                 f"data's samples are shaped {sample_shape}"
             )
         return None
-    return Shift(image, seed=seed)
+    dims = tuple(d for d in sample_shape if d != 1) if len(sample_shape) > 3 else sample_shape
+    return Shift(image, seed=seed, channels_last=channels_last(dims))

@@ -15,6 +15,16 @@ def test_image_size_recognises_images_only() -> None:
     assert image_size((3, 32, 32)) == (3, 32, 32)
     assert image_size((784,)) is None
     assert image_size((3, 4)) is None  # a small 2-D reading is not an image
+    assert image_size((32, 32, 3)) == (3, 32, 32)  # channels-last, as the complexity term reads it
+
+
+def test_shift_of_channels_last_images_moves_the_same_pixels() -> None:
+    x = torch.rand(64, 3, 16, 16)
+    first = Shift((3, 16, 16), seed=1)(x)
+    last = Shift((3, 16, 16), seed=1, channels_last=True)(x.permute(0, 2, 3, 1).reshape(64, -1))
+    assert torch.equal(last.reshape(64, 16, 16, 3).permute(0, 3, 1, 2), first)
+    aug = make_augmentation("auto", (16, 16, 3), is_table=False, seed=1)
+    assert isinstance(aug, Shift) and aug.last
 
 
 def test_shift_moves_half_the_batch_by_at_most_one_pixel() -> None:

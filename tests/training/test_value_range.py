@@ -69,7 +69,7 @@ def test_load_dataset_infers_and_checks_a_declared_range(tmp_path: Path, digits:
     # a table or a built-in set has no pixels to range
     np.save(tmp_path / "table.npy", np.ones((5, 3), np.float32))
     for name in (str(tmp_path / "table.npy"), "digits"):
-        with pytest.raises(DataError, match="applies to images in a .npy file"):
+        with pytest.raises(DataError, match=r"applies to images in a \.npy file"):
             load_dataset(name, value_range=(0.0, 255.0))
 
 
