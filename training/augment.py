@@ -26,7 +26,7 @@ MIN_SIDE = 8  # smaller "images" (a 2-D table of 3 x 4 readings) are not transla
 
 def image_size(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     """(channels, height, width) of an image-shaped sample; None for anything else."""
-    dims = tuple(d for d in sample_shape if d != 1) if len(sample_shape) > 3 else sample_shape
+    dims = _image_dims(sample_shape)
     if len(dims) == 2:
         c, (h, w) = 1, dims
     elif channels_last(dims):
@@ -36,6 +36,11 @@ def image_size(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     else:
         return None
     return (c, h, w) if min(h, w) >= MIN_SIDE else None
+
+
+def _image_dims(sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without its unit axes when it has more than three (e.g. (1, 1, 28, 28))."""
+    return tuple(d for d in sample_shape if d != 1) if len(sample_shape) > 3 else sample_shape
 
 
 def channels_last(sample_shape: tuple[int, ...]) -> bool:
@@ -100,5 +105,4 @@ def make_augmentation(
                 f"data's samples are shaped {sample_shape}"
             )
         return None
-    dims = tuple(d for d in sample_shape if d != 1) if len(sample_shape) > 3 else sample_shape
-    return Shift(image, seed=seed, channels_last=channels_last(dims))
+    return Shift(image, seed=seed, channels_last=channels_last(_image_dims(sample_shape)))
