@@ -34,7 +34,10 @@ class TrainConfig:
     # Measured on the tables: musk 37.5 -> 62.3 AUROC, wine 87.7 -> 89.8 (docs/experiments.md).
     min_steps: int = 2000
     batch_size: int = 128
-    lr: float = 1e-3
+    # A constant rate's noise regularises (a cosine decay to 0 scored worse): 2e-3 against 1e-3,
+    # 3 seeds, MNIST 99.05 -> 99.12 (worst class 97.7 -> 98.1), Fashion-MNIST 93.39 -> 93.43;
+    # tables 78.07 -> 77.88, within wine's reseeding noise (docs/experiments.md)
+    lr: float = 2e-3
     weight_decay: float = 0.0
     patience: int = 5  # epochs without validation improvement before stopping; 0 = never stop
     min_delta: float = 1e-3  # relative improvement of validation -ELBO that counts
