@@ -209,8 +209,7 @@ def _as_samples(arr: npt.NDArray[Any], p: Path) -> npt.NDArray[np.float32]:
     """float32 samples, every one finite."""
     if arr.shape[0] == 0:
         raise DataError(f"{p} holds no samples")
-    arr = arr.astype(np.float32)
-    bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    bad = ~np.isfinite(arr := arr.astype(np.float32)).reshape(arr.shape[0], -1).all(axis=1)
     if bad.any():
         raise DataError(
             f"{p} contains NaN, empty or infinite values in {int(bad.sum())} row(s), first at "
@@ -242,12 +241,13 @@ class TableOptions:
     delimiter: str | None = None
 
 
-def load_table(path: Path, opts: TableOptions | None = None) -> Dataset:
-    """A user's table of normal rows (.csv / .parquet, or a 2-D .npy taken by position): its
-    schema (``detector.schema``) and its rows encoded for the model."""
+def load_table(
+    path: Path, opts: TableOptions | None = None, array: npt.NDArray[Any] | None = None
+) -> Dataset:
+    """A user's table (.csv / .parquet, or a 2-D .npy by position: ``array`` if read already)."""
     opts = opts or TableOptions()
     if path.suffix.lower() == ".npy":
-        arr = _read_npy(path)
+        arr = _read_npy(path) if array is None else array
         if arr.ndim != 2:
             raise DataError(f"{path}: a table needs shape (N, features), got {arr.shape}")
         if opts.categorical or opts.drop:
@@ -304,7 +304,7 @@ def load_dataset(
     if name not in BUILTIN_DATASETS and suffix in (".npy", *TABLE_SUFFIXES) and not p.is_file():
         raise DataError(f"{p}: no such file")
     raw = _read_npy(p) if name not in BUILTIN_DATASETS and suffix == ".npy" else None
-    if value_range != VALUE_RANGE_AUTO and (raw is None or raw.ndim == 2):
+    if value_range != VALUE_RANGE_AUTO and (raw is None or raw.ndim == 2):  # tables, built-ins
         raise DataError(f"--value-range applies to images in a .npy file, not to {name}")
     if name == "mnist":
         return load_mnist(data_dir, fetch=fetch)
@@ -314,7 +314,7 @@ def load_dataset(
         return load_digits_dataset()
     if raw is not None and raw.ndim > 2:
         x = _as_samples(raw, p)
-        vr, why = image_range(raw, x, value_range)
+        vr, why = image_range(raw, value_range)
         log.info("%s: value range %s (%s)", p.name, vr, why)
         return Dataset(
             name=p.name,
@@ -327,7 +327,7 @@ def load_dataset(
             provenance={"dataset": "file", "source": str(p.resolve()), "sha256": sha256_file(p)},
         )
     if suffix in (".npy", *TABLE_SUFFIXES):
-        return load_table(p, table)
+        return load_table(p, table, array=raw)
     raise DataError(
         f"unknown data set {name!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a .csv / "
         ".parquet / .npy file"

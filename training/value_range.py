@@ -52,20 +52,20 @@ def infer_value_range(raw: npt.NDArray[Any]) -> tuple[tuple[float, float] | None
 
 
 def image_range(
-    raw: npt.NDArray[Any], x: npt.NDArray[np.float32], declared: tuple[float, float] | str | None
+    raw: npt.NDArray[Any], declared: tuple[float, float] | str | None
 ) -> tuple[tuple[float, float] | None, str]:
     """The images' range and how it was found: ``declared`` "auto" infers it from ``raw`` (the
-    array as stored: its dtype counts), a (lo, hi) pair must hold every value of ``x``."""
+    array as stored: its dtype counts), a (lo, hi) pair must hold every value of ``raw``."""
     if declared == VALUE_RANGE_AUTO:
         vr, why = infer_value_range(raw)
         return vr, f"inferred: {why}"
     if declared is None:
         return None, "none (--value-range none)"
     assert isinstance(declared, tuple)
-    lo, hi = declared
-    if float(x.min()) < lo or float(x.max()) > hi:
+    (lo, hi), (vmin, vmax) = declared, (float(raw.min()), float(raw.max()))
+    if vmin < lo or vmax > hi:
         raise DataError(
-            f"the images' values run from {float(x.min()):g} to {float(x.max()):g}, outside the "
-            f"declared value range {lo:g},{hi:g}"
+            f"the images' values run from {vmin:g} to {vmax:g}, outside the declared value "
+            f"range {lo:g},{hi:g}"
         )
     return declared, "declared (--value-range)"
