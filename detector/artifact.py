@@ -4,7 +4,8 @@
 
     model-dir/
       weights.safetensors   tensors only (safetensors: no pickle, nothing runs on load)
-      reference.safetensors the training rows' posterior means, for the neighbour term (when on)
+      reference.safetensors the training rows in the neighbour term's space (when on): posterior
+                            means, or input features
       config.json           model config, input spec, training config, data provenance, versions
       calibration.json      score kind, target FPR, threshold, the calibration scores (p-values)
       metrics.json          training history and validation figures
@@ -39,6 +40,7 @@ from detector.errors import (
     ArtifactNotFoundError,
 )
 from detector.model import VAE, VAEConfig
+from detector.neighbours import reference_widths
 from detector.spec import InputSpec
 from detector.threshold import Calibration
 
@@ -66,7 +68,7 @@ class Artifact:
     config: dict[str, Any]  # the whole config.json
     metrics: dict[str, Any]
     manifest: dict[str, Any]
-    reference: torch.Tensor | None = None  # (n_reference, latent) posterior means
+    reference: torch.Tensor | None = None  # (n_reference, latent or n_features)
 
     @property
     def model_version(self) -> str:
@@ -225,7 +227,12 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
                 f"{root / MANIFEST} does not list {REFERENCE}, which the calibration's neighbour "
                 "term needs"
             )
-        reference = _load_reference(root / REFERENCE, calibration.n_reference, model_config)
+        reference = _load_reference(
+            root / REFERENCE,
+            calibration.n_reference,
+            model_config,
+            calibration.score_config.neighbour_space,
+        )
     return Artifact(
         path=root,
         model=model,
@@ -271,9 +278,10 @@ def _check_weight_shapes(path: Path, config: VAEConfig) -> None:
         )
 
 
-def _load_reference(path: Path, n: int, config: VAEConfig) -> torch.Tensor:
-    """The reference posterior means, checked against the header before any tensor is read."""
-    expected = [n, config.latent_dim]
+def _load_reference(path: Path, n: int, config: VAEConfig, space: str) -> torch.Tensor:
+    """The neighbour term's reference rows (posterior means, or input features for the input
+    space), checked against the header before any tensor is read."""
+    expected = [n, *reference_widths(config, space)]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())

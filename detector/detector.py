@@ -10,8 +10,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +25,8 @@ from detector.errors import (
     NotCalibratedError,
 )
 from detector.model import VAE
-from detector.neighbours import DEFAULT_K, neighbour_distance
+from detector.neighbours import DEFAULT_K, Search, reference_widths
+from detector.result import DetectionResult
 from detector.score import ScoreConfig, ScoreParts, score_batch
 from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
@@ -77,61 +77,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-@dataclass(frozen=True)
-class DetectionResult:
-    """Per-sample results, each an array of length N.
-
-    ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
-    input-complexity correction is on (``complexity`` is 0 when it is off), plus
-    ``neighbour_weight * neighbour`` (the latent distance to the training data; 0 when off);
-    higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
-    score > threshold.
-    """
-
-    score: npt.NDArray[np.float64]
-    reconstruction: npt.NDArray[np.float64]
-    kl: npt.NDArray[np.float64]
-    complexity: npt.NDArray[np.float64]
-    neighbour: npt.NDArray[np.float64]
-    p_value: npt.NDArray[np.float64]
-    is_anomaly: npt.NDArray[np.bool_]
-    threshold: float
-
-    COLUMNS: ClassVar[tuple[str, ...]] = (
-        "score",
-        "reconstruction",
-        "kl",
-        "complexity",
-        "neighbour",
-        "p_value",
-        "is_anomaly",
-    )  # the per-sample results, in the order of every response and output file
-
-    def __len__(self) -> int:
-        return int(self.score.shape[0])
-
-    @classmethod
-    def from_parts(
-        cls, parts: dict[str, npt.NDArray[np.float64]], calibration: Calibration
-    ) -> DetectionResult:
-        """Score parts (``Detector.score_parts``) made into decisions: the one place where
-        scores become p-values and flags, for the facade, the service and batch scoring."""
-        score = parts["score"]
-        return cls(
-            score=score,
-            reconstruction=parts["reconstruction"],
-            kl=parts["kl"],
-            complexity=parts["complexity"],
-            neighbour=parts["neighbour"],
-            p_value=calibration.p_values(score),
-            is_anomaly=calibration.flags(score),
-            threshold=calibration.threshold,
-        )
-
-    def columns(self) -> dict[str, npt.NDArray[Any]]:
-        return {name: getattr(self, name) for name in self.COLUMNS}
-
-
 class Detector:
     """A trained VAE plus its calibration: scores, p-values and anomaly flags.
 
@@ -163,16 +108,20 @@ class Detector:
             runtime = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
         self.runtime = runtime
         self.model = model.to(self.device).eval()
-        # Posterior means of the training rows, (N, latent): the neighbour term's reference.
+        # The training rows in the neighbour term's space (detector.neighbours): (N, latent)
+        # posterior means or (N, n_features) input features.
         self.reference: torch.Tensor | None = None
         if reference is not None:
             ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
-            if ref.ndim != 2 or ref.shape[1] != model.config.latent_dim or ref.shape[0] < 1:
+            space = calibration.score_config.neighbour_space if calibration else None
+            widths = sorted(reference_widths(model.config, space))
+            if ref.ndim != 2 or ref.shape[1] not in widths or ref.shape[0] < 1:
                 raise ConfigError(
-                    f"latent reference must be (N >= 1, {model.config.latent_dim}), got "
-                    f"{tuple(ref.shape)}"
+                    f"neighbour reference must be (N >= 1, {' or '.join(map(str, widths))}), "
+                    f"got {tuple(ref.shape)}"
                 )
             self.reference = ref.to(self.device)
+        self._search: dict[str, Search] = {}
         if calibration is not None and calibration.score_config.neighbour_weight > 0:
             n = 0 if self.reference is None else int(self.reference.shape[0])
             if n != calibration.n_reference:
@@ -321,6 +270,11 @@ class Detector:
             validate_samples(x, self.input_spec), lambda xb: self.model.encode(xb)[0]
         )
 
+    @torch.no_grad()
+    def input_features(self, x: Any) -> npt.NDArray[np.float32]:
+        """The encoder's input, flat: (N, n_features) (the input-space neighbour term's rows)."""
+        return self._per_batch(validate_samples(x, self.input_spec), self.model.input_features)
+
     def _per_batch(
         self, arr: npt.NDArray[np.float32], fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> npt.NDArray[np.float32]:
@@ -358,7 +312,9 @@ class Detector:
     ) -> dict[str, npt.NDArray[np.float64]]:
         if config.neighbour_weight > 0 and self.reference is None:
             raise ConfigError("the neighbour term needs reference rows; this detector has none")
-        parts = self._model_parts(arr, config.kind, config.samples, config.neighbour_k)
+        parts = self._model_parts(
+            arr, config.kind, config.samples, config.neighbour_k, config.neighbour_space
+        )
         if config.complexity_weight:
             if self.input_spec.value_range is None:
                 raise ConfigError(
@@ -392,14 +348,16 @@ class Detector:
         kind: str,
         samples: int,
         neighbour_k: int = DEFAULT_K,
+        space: str = "latent",
     ) -> dict[str, npt.NDArray[np.float64]]:
         """The model's parts per row, and the neighbour distance when reference rows exist."""
+        search = self.searcher(space)
         if self.runtime == "onnxruntime" and kind == "elbo":
             if self._onnx is None:
                 from detector.export import OnnxRuntimeScorer
 
                 self._onnx = OnnxRuntimeScorer(self)
-            return self._onnx.parts(arr, self.batch_size)
+            return self._onnx.parts(arr, self.batch_size, search, neighbour_k)
         chunks: list[ScoreParts] = []
         near: list[torch.Tensor] = []
         graph = self._elbo_graph() if kind == "elbo" else None
@@ -407,14 +365,16 @@ class Detector:
         for start in range(0, arr.shape[0], self.batch_size):
             xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
             xb = xb.reshape(xb.shape[0], *shape)
+            mu: torch.Tensor | None = None
             if graph is not None:
                 score, reconstruction, kl, mu = graph(xb)
                 chunks.append(ScoreParts(score, reconstruction, kl))
             else:
                 chunks.append(score_batch(self.model, xb, kind, samples))
-                mu = self.model.encode(xb)[0] if self.reference is not None else None
-            if self.reference is not None and mu is not None:
-                near.append(neighbour_distance(mu, self.reference, neighbour_k))
+                if search is not None and space == "latent":
+                    mu = self.model.encode(xb)[0]
+            if search is not None:
+                near.append(search.distance(self.model, xb, mu, neighbour_k))
         out = {
             name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
             for name in ("score", "reconstruction", "kl")
@@ -423,6 +383,14 @@ class Detector:
             torch.cat(near).double().cpu().numpy() if near else np.zeros_like(out["score"])
         )
         return out
+
+    def searcher(self, space: str) -> Search | None:
+        """The reference rows as a neighbour search in ``space``; None without reference rows."""
+        if self.reference is None:
+            return None
+        if space not in self._search:
+            self._search[space] = Search(self.reference, space)
+        return self._search[space]
 
     def describe(self) -> dict[str, Any]:
         """Metadata for ``info`` and serving: version, input spec, threshold, provenance."""
@@ -435,6 +403,7 @@ class Detector:
             "complexity_cap": self.score_config.complexity_cap,
             "complexity_floor": self.score_config.complexity_floor,
             "neighbour_weight": self.score_config.neighbour_weight,
+            "neighbour_space": self.score_config.neighbour_space,
             "n_reference": 0 if self.reference is None else int(self.reference.shape[0]),
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),

@@ -2,7 +2,8 @@
 
 The graph holds everything of the score that is tensor arithmetic: the encoder, the decoder, the
 likelihood (Gaussian, Bernoulli, a table's categorical blocks and missing cells), the KL term and
-the latent-neighbour term (the training rows' posterior means are a constant of the graph)::
+the neighbour term (the reference rows are a constant of the graph: the training rows' posterior
+means, or for the input space their features divided by each feature's spread, with the spread)::
 
     input (N, *input_shape) float32
       -> reconstruction, kl, neighbour               (N,) each, in nats
@@ -43,7 +44,7 @@ from detector._io import atomic_output
 from detector.detector import Detector, ELBOGraph
 from detector.errors import ConfigError
 from detector.model import VAE
-from detector.neighbours import neighbour_distance
+from detector.neighbours import Search
 
 OPSET = 18
 INPUT_NAME = "input"
@@ -54,11 +55,12 @@ class ScoringGraph(torch.nn.Module):
     """The score's tensor arithmetic as one module: (N, *input_shape) -> score, parts."""
 
     reference: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(
         self,
         model: VAE,
-        reference: torch.Tensor | None,
+        search: Search | None,
         k: int,
         weight: float,
         *,
@@ -67,9 +69,13 @@ class ScoringGraph(torch.nn.Module):
         super().__init__()
         self.elbo = ELBOGraph(model)
         self.latent_output = latent_output  # the runtime scorer's graph: E[z|x] out, no search
-        self.has_reference = reference is not None and not latent_output
-        ref = reference if reference is not None else torch.zeros(1, model.config.latent_dim)
+        self.has_reference = search is not None and not latent_output
+        # the input space's rows are stored divided by each feature's spread (detector.neighbours)
+        self.input_space = search is not None and search.scale is not None
+        ref = search.rows if search is not None else torch.zeros(1, model.config.latent_dim)
+        scale = search.scale if search is not None and search.scale is not None else torch.ones(1)
         self.register_buffer("reference", ref.detach().float().cpu().clone())
+        self.register_buffer("scale", scale.detach().float().cpu().clone())
         self.k = min(k, int(self.reference.shape[0]))
         self.weight = float(weight)
 
@@ -80,7 +86,8 @@ class ScoringGraph(torch.nn.Module):
         if self.latent_output:
             return elbo, reconstruction, kl, mu
         if self.has_reference:
-            diff = mu[:, None, :] - self.reference[None, :, :]  # (B, N, latent)
+            query = self.elbo.model.input_features(x) / self.scale if self.input_space else mu
+            diff = query[:, None, :] - self.reference[None, :, :]  # (B, N, width)
             d = diff.pow(2).sum(-1).sqrt()  # (B, N)
             neighbour = d.topk(self.k, dim=1, largest=False).values[:, -1]  # (B,)
         else:
@@ -102,7 +109,11 @@ def scoring_graph(det: Detector, *, latent_output: bool = False) -> ScoringGraph
         )
     model = det.model
     graph = ScoringGraph(
-        model, det.reference, cfg.neighbour_k, cfg.neighbour_weight, latent_output=latent_output
+        model,
+        det.searcher(cfg.neighbour_space),
+        cfg.neighbour_k,
+        cfg.neighbour_weight,
+        latent_output=latent_output,
     )
     return graph.to(det.device).eval()
 
@@ -215,7 +226,8 @@ class OnnxRuntimeScorer:
     """An ONNX Runtime session running a detector's network (CPU), for
     ``Detector(runtime="onnxruntime")``: the same parts as the torch path.
 
-    The neighbour distance is torch's (``detector.neighbours``) on the graph's posterior means:
+    The neighbour distance is torch's (``detector.neighbours``) on the graph's posterior means (or
+    on the input's features, for the input space):
     ONNX Runtime materialises the (B, N, latent) differences that ``cdist`` streams, 4-5x slower
     on a batch of 512 MNIST rows against 4,800 reference rows."""
 
@@ -235,27 +247,43 @@ class OnnxRuntimeScorer:
         self.session = ort.InferenceSession(
             to_onnx(det, latent_output=True), options, providers=["CPUExecutionProvider"]
         )
-        self.reference = det.reference
+        self.model = det.model
+        self.search = det.searcher(det.score_config.neighbour_space)
         self.k = det.score_config.neighbour_k
         self.input_shape = det.model.config.input_shape
 
     def parts(
-        self, arr: npt.NDArray[np.float32], batch_size: int
+        self,
+        arr: npt.NDArray[np.float32],
+        batch_size: int,
+        search: Search | None = None,
+        k: int | None = None,
     ) -> dict[str, npt.NDArray[np.float64]]:
-        """``Detector._model_parts`` of validated rows, ``batch_size`` rows per session run."""
+        """``Detector._model_parts`` of validated rows, ``batch_size`` rows per session run;
+        ``search`` / ``k``: the neighbour search (default: the detector's calibrated one)."""
         chunks = [
-            self.run(arr[s : s + batch_size].reshape(-1, *self.input_shape))
+            self.run(arr[s : s + batch_size].reshape(-1, *self.input_shape), search, k)
             for s in range(0, arr.shape[0], batch_size)
         ]
         return {k: np.concatenate([c[k] for c in chunks]).astype(np.float64) for k in chunks[0]}
 
-    def run(self, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.float32]]:
+    def run(
+        self,
+        x: npt.NDArray[np.float32],
+        search: Search | None = None,
+        k: int | None = None,
+    ) -> dict[str, npt.NDArray[np.float32]]:
         """Score parts of a batch shaped (N, *input_shape): the -ELBO as ``score``."""
         outs: list[Any] = self.session.run(None, {INPUT_NAME: x})
         score, reconstruction, kl, mu = outs
         parts = {"score": score, "reconstruction": reconstruction, "kl": kl}
-        if self.reference is not None:
-            near = neighbour_distance(torch.from_numpy(mu), self.reference, self.k)
+        search = search or self.search
+        if search is not None:
+            # the input space searches the rows' own features (a copy: x may be a read-only view
+            # of a request body), the latent space the graph's posterior means
+            rows = None if search.scale is None else torch.tensor(np.asarray(x, np.float32))
+            with torch.inference_mode():
+                near = search.distance(self.model, rows, torch.from_numpy(mu), k or self.k)
             parts["neighbour"] = near.numpy()
         else:
             parts["neighbour"] = np.zeros_like(score)

@@ -229,6 +229,10 @@ class VAE(nn.Module):
             x = (x - self.feature_mean) / self.feature_scale
         return x
 
+    def input_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input, flat: (B, n_features); a table's missing cell at its mean (0)."""
+        return self._prepare(x).flatten(1)
+
     # -- the two halves ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, *input_shape) -> mu, logvar, each (B, latent)."""

@@ -37,7 +37,7 @@ from detector.complexity import (
 )
 from detector.errors import ConfigError
 from detector.model import VAE
-from detector.neighbours import DEFAULT_K
+from detector.neighbours import DEFAULT_K, check_space
 
 ScoreKind = Literal["elbo", "iwae"]
 SCORE_KINDS: tuple[str, ...] = ("elbo", "iwae")
@@ -55,8 +55,9 @@ class ScoreConfig:
     score = -ELBO (``kind`` elbo, or the ``samples``-draw importance-weighted bound)
             - complexity_weight * min(L(x), complexity_cap)      (detector.complexity)
             + complexity_weight * max(0, complexity_floor - L(x))
-            + neighbour_weight * (distance from E[z|x] to its neighbour_k-th nearest training
-              posterior mean)                                    (detector.neighbours)
+            + neighbour_weight * (distance from E[z|x], or from the standardised input when
+              neighbour_space is "input", to its neighbour_k-th nearest training row)
+                                                                 (detector.neighbours)
 
     The calibration saves it with flat keys (``score_kind``, ``complexity_codec``, ...), which
     older artifacts also have; keys an older artifact lacks get the value it was scored with.
@@ -75,6 +76,8 @@ class ScoreConfig:
     complexity_floor: float | None = None
     neighbour_weight: float = 0.0
     neighbour_k: int = DEFAULT_K
+    # where the neighbour distance is measured (detector.neighbours): "latent" or "input"
+    neighbour_space: str = "latent"
 
     def __post_init__(self) -> None:
         validate_score_kind(self.kind, self.samples)
@@ -94,6 +97,7 @@ class ScoreConfig:
             )
         if self.neighbour_k < 1:
             raise ConfigError(f"neighbour k must be >= 1, got {self.neighbour_k}")
+        check_space(self.neighbour_space)
 
     def replace(self, **changes: Any) -> ScoreConfig:
         return replace(self, **changes)
@@ -112,6 +116,7 @@ class ScoreConfig:
             "complexity_floor": self.complexity_floor,
             "neighbour_weight": self.neighbour_weight,
             "neighbour_k": self.neighbour_k,
+            "neighbour_space": self.neighbour_space,
         }
 
     @classmethod
@@ -131,15 +136,23 @@ class ScoreConfig:
             complexity_floor=None if floor is None else float(floor),
             neighbour_weight=float(d.get("neighbour_weight", 0.0)),
             neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
+            # every calibration written before the input space existed measured in the latent one
+            neighbour_space=str(d.get("neighbour_space", "latent")),
         )
 
     def definition(self) -> str:
         """The score's definition in words, for responses and ``info``."""
+        where = (
+            f"the posterior mean E[z|x] to its {self.neighbour_k}th nearest training posterior mean"
+            if self.neighbour_space == "latent"
+            else f"the standardised input to its {self.neighbour_k}th nearest training row (each "
+            "feature in units of its spread over the training rows)"
+        )
         near = (
             ""
             if not self.neighbour_weight
             else f" + {self.neighbour_weight:.4g} * neighbour, where neighbour = the distance from "
-            f"the posterior mean E[z|x] to its {self.neighbour_k}th nearest training posterior mean"
+            + where
         )
         if not self.complexity_weight:
             if not near:

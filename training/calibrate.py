@@ -10,7 +10,7 @@ from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, complexity_nats
 from detector.detector import Detector
 from detector.errors import ConfigError
 from detector.model import VAE
-from detector.neighbours import fit_weight
+from detector.neighbours import MAX_INPUT_REFERENCE_ROWS, fit_weight
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import DEFAULT_TARGET_FPR, Calibration, validate_fpr
@@ -21,8 +21,8 @@ DEFAULT_COMPLEXITY_CAP_QUANTILE = 0.5
 # the floor below which an input is simpler than the normal data: MNIST one-vs-rest 98.95 ->
 # 99.06 (worst class 96.9 -> 97.5), Fashion-MNIST 93.30 -> 93.31 (docs/experiments.md)
 DEFAULT_COMPLEXITY_FLOOR_QUANTILE = 0.01
-# The latent-neighbour term's robust spread on normal validation rows, relative to the likelihood
-# term's (detector.neighbours); docs/experiments.md, "The latent-neighbour term".
+# The neighbour term's robust spread on normal validation rows, relative to the likelihood term's
+# (detector.neighbours); docs/experiments.md, "The latent-neighbour term".
 DEFAULT_NEIGHBOUR_SHARE = 0.5
 
 
@@ -35,15 +35,24 @@ def neighbour_setup(
     *,
     config: ScoreConfig | None = None,
     device: str = "cpu",
+    seed: int = 0,
 ) -> tuple[torch.Tensor | None, float]:
-    """The reference (the training rows' posterior means) and the neighbour weight fitted on the
-    validation rows against the likelihood term of ``config`` (k = its neighbour_k); (None, 0.0)
-    when ``share`` is 0."""
+    """The reference (the training rows in ``config.neighbour_space``: posterior means, or input
+    features, at most ``MAX_INPUT_REFERENCE_ROWS`` of them, a seeded subset beyond) and the
+    neighbour weight fitted on the validation rows against the likelihood term of ``config``
+    (k = its neighbour_k); (None, 0.0) when ``share`` is 0."""
     if share == 0:
         return None, 0.0
-    det = Detector(model, None, input_spec, device=device)
-    reference = torch.from_numpy(det.encode(x_train))
     likelihood = (config or ScoreConfig()).replace(neighbour_weight=0.0)
+    det = Detector(model, None, input_spec, device=device)
+    if likelihood.neighbour_space == "latent":
+        reference = torch.from_numpy(det.encode(x_train))
+    else:
+        rows = x_train
+        if len(rows) > MAX_INPUT_REFERENCE_ROWS:
+            keep = np.random.default_rng(seed).choice(len(rows), MAX_INPUT_REFERENCE_ROWS, False)
+            rows = rows[np.sort(keep)]
+        reference = torch.from_numpy(det.input_features(rows))
     parts = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
         x_val, config=likelihood
     )

@@ -115,6 +115,7 @@ def cross_fit_calibration(
             cal_opts.neighbour_share,
             config=likelihood,
             device=device,
+            seed=train.seed,
         )
         scores[held] = Detector(
             fold.model, None, spec, device=device, reference=reference

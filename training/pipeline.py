@@ -19,6 +19,7 @@ from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError, FPRError
 from detector.model import VAEConfig
+from detector.neighbours import check_space
 from detector.schema import TableSchema
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
@@ -124,9 +125,18 @@ class CalibrationOptions:
     # split: score the held-out calibration rows; cross-fit: K-fold out-of-fold scores of every
     # normal row; auto: cross-fit when the calibration split is too small (calibration_method).
     method: str = "auto"
-    # The latent-neighbour term (detector.neighbours): its robust spread on the validation
+    # The neighbour term (detector.neighbours): its robust spread on the validation
     # normals as a share of the likelihood term's; 0 = off.
     neighbour_share: float = DEFAULT_NEIGHBOUR_SHARE
+    # Where its distances are measured: latent (posterior means), input (standardised features),
+    # or auto: the input space for tables (1-D samples), the latent space for images
+    # (detector.neighbours; docs/experiments.md, "Sixth session").
+    neighbour_space: str = "auto"
+
+    def resolve_neighbour_space(self, sample_shape: tuple[int, ...]) -> str:
+        if self.neighbour_space == "auto":
+            return "input" if len(sample_shape) == 1 else "latent"
+        return check_space(self.neighbour_space)
 
     def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
         if self.complexity_weight is None:
@@ -261,6 +271,7 @@ def train_detector(
         schema=ds.schema,
     )
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
+    neighbour_space = cal_opts.resolve_neighbour_space(ds.sample_shape)
     method = calibration_method(cal_opts, split.x_cal.shape[0])
     if method == "cross-fit":
         split = cross_fit_split(split, data.val_fraction, seed=data.split_seed)
@@ -309,6 +320,7 @@ def train_detector(
         complexity_filter=cal_opts.complexity_filter,
         complexity_cap=cap,
         complexity_floor=floor,
+        neighbour_space=neighbour_space,
     )  # the score without its neighbour term, whose weight is fitted against it
     reference, weight = neighbour_setup(
         result.model,
@@ -318,6 +330,7 @@ def train_detector(
         cal_opts.neighbour_share,
         config=likelihood,
         device=str(device),
+        seed=train.seed,
     )
     if method == "cross-fit":
         cal = cross_fit_calibration(

@@ -28,7 +28,9 @@ def test_round_trip_gives_identical_scores(trained: TrainOutcome, artifact_dir: 
     assert loaded.input_spec == trained.detector.input_spec
     assert loaded.model_version.startswith("vae-")
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    # the neighbour term is on by default: the training rows' posterior means travel along
+    # the neighbour term is on by default: for images, the training rows' posterior means travel
+    # along
+    assert trained.detector.score_config.neighbour_space == "latent"
     assert set(manifest["files"]) == {*artifact.REQUIRED_FILES, artifact.REFERENCE}
     assert loaded.reference is not None and trained.detector.reference is not None
     assert torch.equal(loaded.reference, trained.detector.reference)

@@ -124,6 +124,7 @@ def test_onnx_runtime_scores_a_table_with_categories_and_missing_cells(tmp_path:
         progress=False,
     )
     det = Detector.load(tmp_path / "model")
+    assert det.score_config.neighbour_space == "input"  # a table's default: in the graph too
     schema = det.input_spec.schema
     assert schema is not None
     fresh = _table(200, 1)

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from detector.errors import ConfigError
-from detector.neighbours import fit_weight, neighbour_distance, robust_scale
+from detector.model import VAE, VAEConfig
+from detector.neighbours import (
+    Search,
+    feature_scale,
+    fit_weight,
+    neighbour_distance,
+    reference_widths,
+    robust_scale,
+)
 
 
 def test_distance_is_the_kth_nearest_reference_row() -> None:
@@ -30,7 +38,7 @@ def brute_far(mu: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
 
 
 def test_shape_mismatch_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"latent reference of shape \(5, 4\) does not match"):
+    with pytest.raises(ConfigError, match=r"neighbour reference of shape \(5, 4\) does not match"):
         neighbour_distance(torch.zeros(2, 3), torch.zeros(5, 4), 5)
 
 
@@ -51,3 +59,33 @@ def test_robust_scale_of_degenerate_samples() -> None:
     assert robust_scale([3.0, 3.0]) == 1.0
     with pytest.raises(ConfigError, match="at least one value"):
         robust_scale([])
+
+
+def test_input_space_counts_each_feature_in_its_spread_over_the_reference() -> None:
+    """The input space: the model's input features, each divided by its standard deviation over
+    the reference rows (1 for a constant one), then the k-th nearest reference row."""
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(300, 4)).astype(np.float32) * np.float32([1.0, 10.0, 0.1, 1.0])
+    ref[:, 3] = 0.5  # constant: its spread counts as 1
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    model = VAE(VAEConfig((4,), architecture="mlp", latent_dim=2, likelihood="gaussian"))
+    search = Search(torch.from_numpy(ref), "input")  # the model's input features: x as it is
+    scale = ref.std(0)
+    scale[3] = 1.0
+    np.testing.assert_allclose(feature_scale(torch.from_numpy(ref)).numpy(), scale, rtol=1e-5)
+    got = search.distance(model, torch.from_numpy(x), None, 5).numpy()
+    d = np.linalg.norm((x[:, None] - ref[None]) / scale, axis=-1)
+    np.testing.assert_allclose(got, np.sort(d, axis=1)[:, 4], rtol=1e-4)
+    # the latent space searches the posterior means it is given, and needs them
+    latent = Search(torch.from_numpy(ref[:, :2]), "latent")
+    mu = torch.from_numpy(x[:, :2])
+    assert torch.equal(
+        latent.distance(model, torch.from_numpy(x), mu, 5), neighbour_distance(mu, latent.rows, 5)
+    )
+    with pytest.raises(ConfigError, match="needs the posterior means"):
+        latent.distance(model, torch.from_numpy(x), None, 5)
+    with pytest.raises(ConfigError, match="unknown neighbour space 'pixels'"):
+        Search(torch.from_numpy(ref), "pixels")
+    assert reference_widths(model.config, "input") == {4}
+    assert reference_widths(model.config, "latent") == {2}
+    assert reference_widths(model.config, None) == {2, 4}

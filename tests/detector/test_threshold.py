@@ -144,6 +144,7 @@ def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same
     written = cal.to_dict()
     del written["complexity_codec_version"], saved["complexity_codec_version"]  # the library's
     assert written.pop("complexity_floor") is None  # added since, absent = no floor
+    assert written.pop("neighbour_space") == "latent"  # added since, absent = the latent space
     assert written == saved
 
 

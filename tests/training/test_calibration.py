@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from detector.detector import Detector
 from detector.errors import FPRError
 from training.data import Dataset
 from training.pipeline import (
@@ -85,3 +86,68 @@ def test_too_few_rows_even_for_cross_fit_say_how_many_are_needed(digits: Dataset
             progress=False,
             dataset=_rows(digits, 80),
         )
+
+
+def test_a_table_measures_neighbours_in_its_input_space(digits: Dataset, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A table (1-D rows) gets the input-space neighbour term by default: its reference is the
+    training rows' input features, the distance counts each feature in its spread over them, and
+    the artifact carries it (scored alike after loading, on either runtime). Asked for, a table
+    gets the latent space instead."""
+    ds = _rows(digits, 600)
+    quick = TrainConfig(epochs=3, batch_size=64, min_steps=0, patience=0, device="cpu")
+    cal = CalibrationOptions(target_fpr=0.05, method="split")
+    out = train_detector(
+        DataOptions(dataset="small"),
+        SMALL_MODEL,
+        quick,
+        cal,
+        progress=False,
+        dataset=ds,
+        out=tmp_path / "m",
+    )
+    det = out.detector
+    assert det.score_config.neighbour_space == "input" and det.score_config.neighbour_weight > 0
+    assert det.reference is not None
+    assert tuple(det.reference.shape) == (len(out.split.x_train), 64)
+    x = ds.x_train[:25]
+    feats, ref = det.input_features(x), det.reference.numpy()
+    scale = ref.std(0)
+    scale[scale <= 1e-6] = 1.0
+    d = np.linalg.norm((feats[:, None] - ref[None]) / scale, axis=-1)
+    np.testing.assert_allclose(det.score_parts(x)["neighbour"], np.sort(d, 1)[:, 4], rtol=1e-4)
+    for runtime in ("torch", "onnxruntime"):
+        loaded = Detector.load(tmp_path / "m", runtime=runtime)
+        assert loaded.score_config.neighbour_space == "input"
+        np.testing.assert_allclose(loaded.score(x).score, det.score(x).score, rtol=1e-5)
+    latent = train_detector(
+        DataOptions(dataset="small"),
+        SMALL_MODEL,
+        quick,
+        CalibrationOptions(target_fpr=0.05, method="split", neighbour_space="latent"),
+        progress=False,
+        dataset=ds,
+    ).detector
+    assert latent.reference is not None and latent.reference.shape[1] == 4
+
+
+def test_the_input_space_reference_is_a_seeded_subset_beyond_its_cap(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    import training.calibrate as C
+    from detector.model import VAE, VAEConfig
+    from detector.score import ScoreConfig
+    from detector.spec import InputSpec
+
+    monkeypatch.setattr(C, "MAX_INPUT_REFERENCE_ROWS", 100)
+    torch.manual_seed(0)
+    model = VAE(VAEConfig((6,), architecture="mlp", latent_dim=2, likelihood="gaussian"))
+    x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    config = ScoreConfig(neighbour_space="input")
+    ref, w = C.neighbour_setup(model, x, x[:50], InputSpec((6,)), 0.5, config=config, seed=3)
+    assert ref is not None and tuple(ref.shape) == (100, 6) and w > 0
+    rows = {tuple(r) for r in x}
+    assert all(tuple(r) in rows for r in ref.numpy())  # training rows, not made-up ones
+    again, _ = C.neighbour_setup(model, x, x[:50], InputSpec((6,)), 0.5, config=config, seed=3)
+    assert again is not None and torch.equal(ref, again)  # the same seed, the same subset
+    small, _ = C.neighbour_setup(model, x[:80], x[:50], InputSpec((6,)), 0.5, config=config)
+    assert small is not None and small.shape[0] == 80  # under the cap: every training row

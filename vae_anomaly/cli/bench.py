@@ -24,6 +24,7 @@ from vae_anomaly.cli._common import (
 
 def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     """Register the benchmark, batch-benchmark and loadtest commands on ``sub``."""
+    from detector.neighbours import NEIGHBOUR_SPACES
     from training.calibrate import DEFAULT_TARGET_FPR
     from training.pipeline import CalibrationOptions, ModelOptions
     from training.train import TrainConfig
@@ -97,7 +98,13 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "--neighbour-share",
         type=share_arg,
         default=co.neighbour_share,
-        help="weight of the latent-neighbour term (0 = off); see train --help",
+        help="weight of the neighbour term (0 = off); see train --help",
+    )
+    bm.add_argument(
+        "--neighbour-space",
+        choices=["auto", *NEIGHBOUR_SPACES],
+        default=co.neighbour_space,
+        help="where the neighbour term measures distance; see train --help",
     )
     bm.add_argument(
         "--quick", action="store_true", help="smoke test: classes 0,1, 5 epochs, vae and pca only"
@@ -238,6 +245,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         complexity_weight=args.complexity_weight,
         neighbour_share=args.neighbour_share,
+        neighbour_space=args.neighbour_space,
     )
     if args.suite == "small-data":
         from vae_anomaly.bench.suites import SmallDataConfig, run_small_data, small_data_markdown

@@ -21,6 +21,7 @@ from vae_anomaly.cli._common import (
 
 def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     """Register the train command on ``sub``."""
+    from detector.neighbours import NEIGHBOUR_SPACES
     from training.calibrate import DEFAULT_TARGET_FPR
     from training.data import ENV_DATA_DIR
     from training.pipeline import CalibrationOptions, DataOptions, ModelOptions
@@ -146,8 +147,16 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "--neighbour-share",
         type=share_arg,
         default=co.neighbour_share,
-        help="weight of the latent-neighbour term: its spread on the validation rows as a share "
-        "of the likelihood term's (0 = off)",
+        help="weight of the neighbour term (how far a row lies from its nearest training rows): "
+        "its spread on the validation rows as a share of the likelihood term's (0 = off)",
+    )
+    g.add_argument(
+        "--neighbour-space",
+        choices=["auto", *NEIGHBOUR_SPACES],
+        default=co.neighbour_space,
+        help="where the neighbour term measures distance: latent (the encoder's posterior "
+        "means), input (the features, each in units of its spread over the training rows); "
+        "auto: input for tables, latent for images",
     )
     g.add_argument(
         "--calibration",
@@ -192,6 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
             complexity_cap_quantile=args.complexity_cap,
             complexity_floor_quantile=args.complexity_floor,
             neighbour_share=args.neighbour_share,
+            neighbour_space=args.neighbour_space,
             method=args.calibration,
         ),
         out=args.out,
