@@ -33,6 +33,31 @@ def test_distance_is_the_kth_nearest_reference_row() -> None:
     assert torch.equal(neighbour_distance(mu[7:8], ref, 5), neighbour_distance(mu, ref, 5)[7:8])
 
 
+def test_wide_rows_prefiltered_by_a_matrix_product_get_the_exact_distance() -> None:
+    """From 16 features on, a matrix product picks the candidates; the k-th distance is still
+    the brute-force one, and a row alone gets exactly what it gets in a batch, with duplicated
+    reference rows (ties, as one-hot tables have) too."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(900, 40)).astype(np.float32)
+    ref[100:160] = ref[0]  # 61 identical rows
+    mu = rng.normal(size=(600, 40)).astype(np.float32)
+    mu[:3] = ref[0] + 0.01
+    got = neighbour_distance(torch.from_numpy(mu), torch.from_numpy(ref), 5)
+    brute = np.sort(np.linalg.norm(mu[:, None] - ref[None], axis=-1), axis=1)[:, 4]
+    np.testing.assert_allclose(got.numpy(), brute, rtol=1e-5)
+    alone = torch.cat(
+        [
+            neighbour_distance(torch.from_numpy(mu[i : i + 1]), torch.from_numpy(ref), 5)
+            for i in range(20)
+        ]
+    )
+    assert torch.equal(alone, got[:20])
+    # fewer reference rows than k + the margin: every row is measured
+    few = neighbour_distance(torch.from_numpy(mu[:4]), torch.from_numpy(ref[:30]), 5)
+    brute_few = np.sort(np.linalg.norm(mu[:4, None] - ref[None, :30], axis=-1), axis=1)[:, 4]
+    np.testing.assert_allclose(few.numpy(), brute_few, rtol=1e-5)
+
+
 def brute_far(mu: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
     return np.linalg.norm(mu.numpy()[:, None] - ref.numpy()[None], axis=-1).max(axis=1)
 
