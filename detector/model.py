@@ -230,7 +230,8 @@ class VAE(nn.Module):
         return x
 
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's input, flat: (B, n_features); a table's missing cell at its mean (0)."""
+        """The encoder's input, flat: (B, n_features); a table's missing numeric cell at its
+        mean (0), a missing or unseen category an all-zero block."""
         return self._prepare(x).flatten(1)
 
     # -- the two halves ---------------------------------------------------------------------
