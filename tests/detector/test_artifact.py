@@ -288,3 +288,21 @@ def test_unlisted_files_links_and_folders_are_refused(artifact_dir: Path, tmp_pa
     (artifact_dir / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactIntegrityError, match=r"lists 'notes\.txt', not an artifact file"):
         Detector.load(artifact_dir)
+
+
+def test_a_reference_of_the_other_space_is_refused_before_it_is_read(artifact_dir: Path) -> None:
+    """The calibration says which space the reference rows live in: an image model's latent
+    rows (N x 4) under a calibration re-signed to claim the input space (N x 64) are refused
+    from the header, naming both shapes."""
+    p = artifact_dir / "calibration.json"
+    cal = json.loads(p.read_text())
+    assert cal["neighbour_space"] == "latent"
+    cal["neighbour_space"] = "input"
+    p.write_text(json.dumps(cal))
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    m["files"]["calibration.json"] = {"sha256": artifact.sha256_file(p), "bytes": p.stat().st_size}
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(
+        ArtifactIntegrityError, match=r"is F32 \[\d+, 4\], expected F32 \[\d+, 64\]"
+    ):
+        Detector.load(artifact_dir)
