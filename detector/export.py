@@ -248,19 +248,13 @@ class OnnxRuntimeScorer:
             to_onnx(det, latent_output=True), options, providers=["CPUExecutionProvider"]
         )
         self.model = det.model
-        self.search = det.searcher(det.score_config.neighbour_space)
-        self.k = det.score_config.neighbour_k
         self.input_shape = det.model.config.input_shape
 
     def parts(
-        self,
-        arr: npt.NDArray[np.float32],
-        batch_size: int,
-        search: Search | None = None,
-        k: int | None = None,
+        self, arr: npt.NDArray[np.float32], batch_size: int, search: Search | None, k: int
     ) -> dict[str, npt.NDArray[np.float64]]:
         """``Detector._model_parts`` of validated rows, ``batch_size`` rows per session run;
-        ``search`` / ``k``: the neighbour search (default: the detector's calibrated one)."""
+        ``search`` / ``k``: the neighbour search (None: no reference rows)."""
         chunks = [
             self.run(arr[s : s + batch_size].reshape(-1, *self.input_shape), search, k)
             for s in range(0, arr.shape[0], batch_size)
@@ -268,22 +262,18 @@ class OnnxRuntimeScorer:
         return {k: np.concatenate([c[k] for c in chunks]).astype(np.float64) for k in chunks[0]}
 
     def run(
-        self,
-        x: npt.NDArray[np.float32],
-        search: Search | None = None,
-        k: int | None = None,
+        self, x: npt.NDArray[np.float32], search: Search | None, k: int
     ) -> dict[str, npt.NDArray[np.float32]]:
         """Score parts of a batch shaped (N, *input_shape): the -ELBO as ``score``."""
         outs: list[Any] = self.session.run(None, {INPUT_NAME: x})
         score, reconstruction, kl, mu = outs
         parts = {"score": score, "reconstruction": reconstruction, "kl": kl}
-        search = search or self.search
         if search is not None:
-            # the input space searches the rows' own features (a copy: x may be a read-only view
-            # of a request body), the latent space the graph's posterior means
-            rows = None if search.scale is None else torch.tensor(np.asarray(x, np.float32))
+            # the input space searches the rows' own features, the latent space the graph's
+            # posterior means
+            rows = None if search.scale is None else torch.from_numpy(x)
             with torch.inference_mode():
-                near = search.distance(self.model, rows, torch.from_numpy(mu), k or self.k)
+                near = search.distance(self.model, rows, torch.from_numpy(mu), k)
             parts["neighbour"] = near.numpy()
         else:
             parts["neighbour"] = np.zeros_like(score)

@@ -215,7 +215,8 @@ def _from_binary(raw: bytes, name: str, dtype: str, count: int) -> npt.NDArray[A
             f"input {name!r}: shape and datatype {dtype} need {count * dt.itemsize} bytes, "
             f"binary_data_size gives {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dt)
+    # a writable copy: a view of the request body is read-only, which torch will not wrap
+    return np.frombuffer(bytearray(raw), dtype=dt)
 
 
 def _from_json(data: Any, name: str, dtype: str, count: int) -> npt.NDArray[Any]:

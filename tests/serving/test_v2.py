@@ -356,3 +356,16 @@ def test_tritonclient_against_the_live_server(trained: TrainOutcome, tmp_path: P
         with pytest.raises(InferenceServerException, match="unknown model"):
             client.infer("vae-anomaly", [inp])
         client.close()
+
+
+def test_binary_tensors_are_writable_arrays_torch_can_wrap() -> None:
+    """A binary tensor's rows are copied out of the request body (a read-only buffer), so the
+    torch runtime wraps them without the non-writable-array warning (an error under pytest)."""
+    import torch
+
+    from serving.app.v2_tensors import _from_binary
+
+    raw = np.arange(6, dtype="<f4").tobytes()
+    x = _from_binary(raw, "input", "FP32", 6)
+    assert x.flags.writeable and x.flags.aligned
+    assert torch.from_numpy(x).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
