@@ -315,6 +315,8 @@ class Detector:
         parts = self._model_parts(
             arr, config.kind, config.samples, config.neighbour_k, config.neighbour_space
         )
+        if config.reconstruction_weight != 1:  # the elbo score only (ScoreConfig)
+            parts["score"] = config.reconstruction_weight * parts["reconstruction"] + parts["kl"]
         if config.complexity_weight:
             if self.input_spec.value_range is None:
                 raise ConfigError(

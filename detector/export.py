@@ -64,6 +64,7 @@ class ScoringGraph(torch.nn.Module):
         k: int,
         weight: float,
         *,
+        reconstruction_weight: float = 1.0,
         latent_output: bool = False,
     ) -> None:
         super().__init__()
@@ -78,6 +79,7 @@ class ScoringGraph(torch.nn.Module):
         self.register_buffer("scale", scale.detach().float().cpu().clone())
         self.k = min(k, int(self.reference.shape[0]))
         self.weight = float(weight)
+        self.reconstruction_weight = float(reconstruction_weight)
 
     def forward(
         self, x: torch.Tensor
@@ -92,6 +94,8 @@ class ScoringGraph(torch.nn.Module):
             neighbour = d.topk(self.k, dim=1, largest=False).values[:, -1]  # (B,)
         else:
             neighbour = torch.zeros_like(kl)
+        if self.reconstruction_weight != 1:
+            elbo = self.reconstruction_weight * reconstruction + kl
         return elbo + self.weight * neighbour, reconstruction, kl, neighbour
 
 
@@ -113,6 +117,7 @@ def scoring_graph(det: Detector, *, latent_output: bool = False) -> ScoringGraph
         det.searcher(cfg.neighbour_space),
         cfg.neighbour_k,
         cfg.neighbour_weight,
+        reconstruction_weight=cfg.reconstruction_weight,
         latent_output=latent_output,
     )
     return graph.to(det.device).eval()

@@ -42,6 +42,12 @@ from detector.neighbours import DEFAULT_K, check_space
 ScoreKind = Literal["elbo", "iwae"]
 SCORE_KINDS: tuple[str, ...] = ("elbo", "iwae")
 
+# A table's default reconstruction weight: its per-column surprises (a Gaussian term per numeric
+# column at sigma = 0.1, a softmax surprise per categorical one) otherwise drown the KL term and
+# the neighbour evidence. A quarter is a numeric column scored at sigma = 0.2 (docs/experiments.md,
+# "Seventh session").
+TABLE_RECONSTRUCTION_WEIGHT = 0.25
+
 SCORE_DEFINITION = (
     "score = reconstruction + kl = -ELBO in nats (higher = more anomalous); "
     "reconstruction = -log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I))"
@@ -52,7 +58,8 @@ SCORE_DEFINITION = (
 class ScoreConfig:
     """Everything that defines a detector's score, carried end to end as one value.
 
-    score = -ELBO (``kind`` elbo, or the ``samples``-draw importance-weighted bound)
+    score = -ELBO (``kind`` elbo, or the ``samples``-draw importance-weighted bound; with a
+              ``reconstruction_weight`` w other than 1: w * reconstruction + kl, elbo only)
             - complexity_weight * min(L(x), complexity_cap)      (detector.complexity)
             + complexity_weight * max(0, complexity_floor - L(x))
             + neighbour_weight * (distance from E[z|x], or from the standardised input when
@@ -65,6 +72,9 @@ class ScoreConfig:
 
     kind: str = "elbo"
     samples: int = 1
+    # what the reconstruction counts for against the KL term: 1 = the -ELBO; a table's default
+    # 0.25 (docs/experiments.md, "Seventh session")
+    reconstruction_weight: float = 1.0
     complexity_weight: float = 0.0
     complexity_level: int = DEFAULT_LEVEL
     complexity_codec: str = DEFAULT_CODEC
@@ -81,6 +91,13 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         validate_score_kind(self.kind, self.samples)
+        w = self.reconstruction_weight
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"reconstruction weight must be a finite number > 0, got {w}")
+        if w != 1 and self.kind != "elbo":
+            raise ConfigError(
+                f"a reconstruction weight other than 1 needs the elbo score, not {self.kind}"
+            )
         check_codec(self.complexity_codec, self.complexity_level)
         check_filter(self.complexity_filter)
         if not (math.isfinite(self.complexity_weight) and self.complexity_weight >= 0):
@@ -107,6 +124,7 @@ class ScoreConfig:
         return {
             "score_kind": self.kind,
             "score_samples": self.samples,
+            "reconstruction_weight": self.reconstruction_weight,
             "complexity_weight": self.complexity_weight,
             "complexity_level": self.complexity_level,
             "complexity_codec": self.complexity_codec,
@@ -126,6 +144,8 @@ class ScoreConfig:
         return cls(
             kind=str(d.get("score_kind", "elbo")),
             samples=int(d.get("score_samples", 1)),
+            # absent before the weight existed: the plain -ELBO
+            reconstruction_weight=float(d.get("reconstruction_weight", 1.0)),
             complexity_weight=float(d.get("complexity_weight", 0.0)),
             complexity_level=int(d.get("complexity_level", 1)),
             # calibrations written before the codec was recorded used the standard zlib, and
@@ -154,11 +174,18 @@ class ScoreConfig:
             else f" + {self.neighbour_weight:.4g} * neighbour, where neighbour = the distance from "
             + where
         )
+        rw = self.reconstruction_weight
+        lik = "reconstruction + kl" if rw == 1 else f"{rw:g} * reconstruction + kl"
+        weighted = (
+            ""
+            if rw == 1
+            else f" (the reconstruction counted at {rw:g} of its nats against the KL term)"
+        )
         if not self.complexity_weight:
-            if not near:
+            if not near and rw == 1:
                 return SCORE_DEFINITION
             return (
-                f"score = reconstruction + kl{near} (higher = more anomalous); reconstruction = "
+                f"score = {lik}{near} (higher = more anomalous){weighted}; reconstruction = "
                 "-log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), in nats"
             )
         cap = self.complexity_cap
@@ -181,7 +208,7 @@ class ScoreConfig:
         )
         filtered = "" if self.complexity_filter == "none" else " after PNG's Average filter"
         return (
-            f"score = reconstruction + kl - {w}{term}{below}{near} (higher = more anomalous): the "
+            f"score = {lik} - {w}{term}{below}{near} (higher = more anomalous){weighted}: the "
             f"-ELBO corrected for input complexity (Serra et al., ICLR 2020){capped}{floored}; "
             "reconstruction = -log p(x|z) at the posterior mean, kl = KL(q(z|x) || N(0, I)), "
             f"complexity = DEFLATE code length ({self.complexity_codec} level "

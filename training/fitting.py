@@ -19,7 +19,7 @@ from training.data import Split
 from training.train import TrainConfig, TrainResult, fit
 
 if TYPE_CHECKING:
-    from training.pipeline import CalibrationOptions
+    from training.options import CalibrationOptions
 
 CROSS_FIT_FOLDS = 5
 

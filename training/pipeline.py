@@ -15,28 +15,17 @@ from typing import Any
 import numpy as np
 
 from detector import artifact
-from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.detector import Detector, resolve_device
 from detector.errors import ArtifactError, ConfigError, DataError, FPRError
 from detector.model import VAEConfig
-from detector.neighbours import check_space
 from detector.schema import TableSchema
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import validate_fpr
-from training.calibrate import (
-    DEFAULT_COMPLEXITY_CAP_QUANTILE,
-    DEFAULT_COMPLEXITY_FLOOR_QUANTILE,
-    DEFAULT_NEIGHBOUR_SHARE,
-    DEFAULT_TARGET_FPR,
-    calibrate,
-    complexity_bounds,
-    neighbour_setup,
-)
+from training.calibrate import calibrate, complexity_bounds, neighbour_setup
 from training.data import (
     Dataset,
     Split,
-    TableOptions,
     load_dataset,
     one_vs_rest,
     split_normal,
@@ -48,107 +37,16 @@ from training.fitting import (
     flat,
     model_range,
 )
+from training.options import (  # importing the options from here keeps working
+    CALIBRATION_METHODS,
+    CalibrationOptions,
+    DataOptions,
+    ModelOptions,
+)
 from training.train import TrainConfig
 from training.value_range import parse_value_range
 
-CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
-
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    dataset: str = "mnist"  # mnist | digits | path to .npy / .csv of normal samples
-    normal_class: int | None = 0  # one-vs-rest class for labelled data sets
-    data_dir: str | None = None
-    cal_fraction: float = 0.1
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    fetch: bool = True
-    # a user's table (detector.schema): columns read as categories / as numbers / left out
-    categorical: tuple[str, ...] = ()
-    numeric: tuple[str, ...] = ()
-    drop: tuple[str, ...] = ()
-    delimiter: str | None = None
-    # a user's images (.npy): "auto" (uint8 = 0-255, floats within [0, 1] = [0, 1]), "none" or
-    # "LO,HI" (training.value_range)
-    value_range: str = "auto"
-
-    def table_options(self) -> TableOptions:
-        return TableOptions(
-            categorical=self.categorical,
-            numeric=self.numeric,
-            drop=self.drop,
-            delimiter=self.delimiter,
-        )
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    # The MLP matches or beats the conv net on MNIST one-vs-rest (AUROC class 0: 0.995 vs 0.996,
-    # class 2: 0.955 vs 0.933, class 8: 0.909 vs 0.889; same likelihood and epochs) at a third of
-    # the training time and a seventh of the scoring time. conv stays available.
-    architecture: str = "mlp"
-    latent_dim: int = 8  # with the complexity-corrected score: 98.5 mean AUROC vs 98.2 at 16
-    widths: tuple[int, ...] = ()
-    # Gaussian with a fixed sigma = 0.1 beats the Bernoulli likelihood on MNIST class 0
-    # (AUROC 0.996 vs 0.960, same net and epochs): the Bernoulli rates simple images such as 1s
-    # as likely whatever the training class.
-    likelihood: str = "gaussian"
-    sigma: float | None = (
-        0.1  # gaussian only (standardised units for real-valued data); None = learned
-    )
-    beta: float = 1.0
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    target_fpr: float = DEFAULT_TARGET_FPR
-    score_kind: str = "elbo"
-    score_samples: int = 1
-    # Input-complexity correction (detector.complexity): score = -ELBO - weight * L(x).
-    # None = auto: 1 (Serra et al.'s correction, both terms in nats) for data with a known value
-    # range such as images, 0 for real-valued features.
-    complexity_weight: float | None = None
-    complexity_level: int = DEFAULT_LEVEL  # compression level of the complexity term
-    complexity_codec: str = DEFAULT_CODEC  # its compressor (detector.complexity.CODECS)
-    complexity_filter: str = DEFAULT_FILTER  # the image filter before it (PNG's Average)
-    # The credit min(L(x), cap) stops at this quantile of the validation normals' L (None =
-    # uncapped): on MNIST the capped term keeps the correction's gain, on Fashion-MNIST it no
-    # longer hands complex anomalies a discount (docs/experiments.md).
-    complexity_cap_quantile: float | None = DEFAULT_COMPLEXITY_CAP_QUANTILE
-    # An input whose L(x) is below this quantile of the validation normals' pays one nat per nat
-    # it falls short (None = no floor): simpler than nearly all normal data is evidence too (a 1
-    # under an 8 model; docs/experiments.md).
-    complexity_floor_quantile: float | None = DEFAULT_COMPLEXITY_FLOOR_QUANTILE
-    # split: score the held-out calibration rows; cross-fit: K-fold out-of-fold scores of every
-    # normal row; auto: cross-fit when the calibration split is too small (calibration_method).
-    method: str = "auto"
-    # The neighbour term (detector.neighbours): its robust spread on the validation
-    # normals as a share of the likelihood term's; 0 = off.
-    neighbour_share: float = DEFAULT_NEIGHBOUR_SHARE
-    # Where its distances are measured: latent (posterior means), input (standardised features),
-    # or auto: the input space for tables (1-D samples), the latent space for images
-    # (detector.neighbours; docs/experiments.md, "Sixth session").
-    neighbour_space: str = "auto"
-
-    def resolve_neighbour_space(self, sample_shape: tuple[int, ...]) -> str:
-        if self.neighbour_space == "auto":
-            return "input" if len(sample_shape) == 1 else "latent"
-        return check_space(self.neighbour_space)
-
-    def resolve_complexity_weight(self, value_range: tuple[float, float] | None) -> float:
-        if self.complexity_weight is None:
-            return 1.0 if value_range is not None else 0.0
-        if self.complexity_weight < 0:
-            raise ConfigError(f"complexity weight must be >= 0, got {self.complexity_weight}")
-        if self.complexity_weight > 0 and value_range is None:
-            raise ConfigError(
-                "the complexity correction needs data with a known value range (images in [0, 1]); "
-                "use --complexity-weight 0 for real-valued features"
-            )
-        return float(self.complexity_weight)
 
 
 @dataclass
@@ -272,6 +170,7 @@ def train_detector(
     )
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
     neighbour_space = cal_opts.resolve_neighbour_space(ds.sample_shape)
+    reconstruction_weight = cal_opts.resolve_reconstruction_weight(ds.sample_shape)
     method = calibration_method(cal_opts, split.x_cal.shape[0])
     if method == "cross-fit":
         split = cross_fit_split(split, data.val_fraction, seed=data.split_seed)
@@ -314,6 +213,7 @@ def train_detector(
     likelihood = ScoreConfig(
         kind=cal_opts.score_kind,
         samples=cal_opts.score_samples,
+        reconstruction_weight=reconstruction_weight,
         complexity_weight=complexity_weight,
         complexity_level=cal_opts.complexity_level,
         complexity_codec=cal_opts.complexity_codec,

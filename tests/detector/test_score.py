@@ -227,6 +227,36 @@ def test_iwae_is_deterministic_batch_invariant_and_below_its_elbo(
     assert np.corrcoef(a.score.numpy(), e.numpy())[0, 1] > 0.9
 
 
+def test_reconstruction_weight_scales_the_reconstruction_alone(
+    trained: TrainOutcome, digits: Dataset
+) -> None:
+    det = trained.detector
+    assert det.score_config.reconstruction_weight == 1.0  # images: the -ELBO
+    x = _pool(digits)[:200]
+    base = det.score_parts(x)
+    cfg = det.score_config.replace(reconstruction_weight=0.25)
+    weighted = det.score_parts(x, config=cfg)
+    for part in ("reconstruction", "kl", "complexity", "neighbour"):
+        np.testing.assert_array_equal(weighted[part], base[part])  # the parts stay the -ELBO's
+    np.testing.assert_allclose(
+        weighted["score"], base["score"] - 0.75 * base["reconstruction"], rtol=1e-6, atol=1e-3
+    )
+    assert "0.25 * reconstruction + kl" in cfg.definition()
+    assert ScoreConfig.from_dict(cfg.to_dict()) == cfg
+    assert ScoreConfig.from_dict({}).reconstruction_weight == 1.0  # older calibrations
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_reconstruction_weight_must_be_positive_and_finite(weight: float) -> None:
+    with pytest.raises(ConfigError, match="reconstruction weight must be a finite number > 0"):
+        ScoreConfig(reconstruction_weight=weight)
+
+
+def test_a_reconstruction_weight_needs_the_elbo_score() -> None:
+    with pytest.raises(ConfigError, match="needs the elbo score, not iwae"):
+        ScoreConfig(kind="iwae", samples=4, reconstruction_weight=0.5)
+
+
 @pytest.mark.parametrize(
     ("kind", "samples", "match"),
     [("mse", 1, "unknown score kind"), ("iwae", 1, "at least 2 samples")],

@@ -145,6 +145,7 @@ def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same
     del written["complexity_codec_version"], saved["complexity_codec_version"]  # the library's
     assert written.pop("complexity_floor") is None  # added since, absent = no floor
     assert written.pop("neighbour_space") == "latent"  # added since, absent = the latent space
+    assert written.pop("reconstruction_weight") == 1.0  # added since, absent = the -ELBO
     assert written == saved
 
 

@@ -107,6 +107,12 @@ def test_a_table_measures_neighbours_in_its_input_space(digits: Dataset, tmp_pat
     )
     det = out.detector
     assert det.score_config.neighbour_space == "input" and det.score_config.neighbour_weight > 0
+    # a table's reconstruction counts at a quarter against the KL term
+    assert det.score_config.reconstruction_weight == 0.25
+    plain = det.score_parts(ds.x_train[:25], config=det.score_config.replace(neighbour_weight=0.0))
+    np.testing.assert_allclose(
+        plain["score"], 0.25 * plain["reconstruction"] + plain["kl"], rtol=1e-6
+    )
     assert det.reference is not None
     assert tuple(det.reference.shape) == (len(out.split.x_train), 64)
     x = ds.x_train[:25]

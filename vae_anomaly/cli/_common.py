@@ -86,6 +86,19 @@ def share_arg(s: str) -> float:
     return v
 
 
+def weight_arg(s: str) -> float | None:
+    """A weight > 0, or ``auto`` (None: the data decides)."""
+    if s.lower() == "auto":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number > 0, got {s}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number > 0, got {s}")
+    return v
+
+
 def cap_quantile(s: str) -> float | None:
     if s.lower() == "none":
         return None

@@ -19,6 +19,7 @@ from vae_anomaly.cli._common import (
     positive_int,
     share_arg,
     train_config,
+    weight_arg,
 )
 
 
@@ -93,6 +94,13 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "--complexity-weight",
         type=float,
         help="input-complexity correction weight (default: 1 for images; 0 = plain -ELBO)",
+    )
+    bm.add_argument(
+        "--reconstruction-weight",
+        type=weight_arg,
+        default=None,
+        metavar="auto|W",
+        help="what the reconstruction counts for against the KL term; see train --help",
     )
     bm.add_argument(
         "--neighbour-share",
@@ -244,6 +252,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     calibration = CalibrationOptions(
         target_fpr=args.target_fpr,
         complexity_weight=args.complexity_weight,
+        reconstruction_weight=args.reconstruction_weight,
         neighbour_share=args.neighbour_share,
         neighbour_space=args.neighbour_space,
     )

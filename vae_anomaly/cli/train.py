@@ -16,6 +16,7 @@ from vae_anomaly.cli._common import (
     share_arg,
     train_config,
     value_range,
+    weight_arg,
 )
 
 
@@ -128,6 +129,15 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "2020); default: 1 for data with a value range (images), 0 otherwise",
     )
     g.add_argument(
+        "--reconstruction-weight",
+        type=weight_arg,
+        default=None,
+        metavar="auto|W",
+        help="score = W * reconstruction + kl (+ the other terms): what the reconstruction counts "
+        "for against the KL term; auto: 0.25 for tables (their per-column surprises otherwise "
+        "drown the other evidence), 1 (the -ELBO) for images",
+    )
+    g.add_argument(
         "--complexity-cap",
         type=cap_quantile,
         default=co.complexity_cap_quantile,
@@ -197,6 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
             target_fpr=args.target_fpr,
             score_kind=args.score,
             score_samples=args.score_samples,
+            reconstruction_weight=args.reconstruction_weight,
             complexity_weight=args.complexity_weight,
             complexity_cap_quantile=args.complexity_cap,
             complexity_floor_quantile=args.complexity_floor,
