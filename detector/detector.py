@@ -401,6 +401,7 @@ class Detector:
         return {
             "model_version": self.model_version,
             "score_definition": self.score_definition,
+            "reconstruction_weight": self.score_config.reconstruction_weight,
             "complexity_weight": self.score_config.complexity_weight,
             "complexity_cap": self.score_config.complexity_cap,
             "complexity_floor": self.score_config.complexity_floor,
