@@ -177,6 +177,8 @@ def test_train_score_options_reach_the_artifact(
         "none",
         "--calibration",
         "cross-fit",
+        "--reconstruction-weight",
+        "0.5",
         "--out",
         str(model),
     )
@@ -184,11 +186,17 @@ def test_train_score_options_reach_the_artifact(
     assert "each scored by one of 5 models that never saw it" in out
     cal = json.loads((model / "calibration.json").read_text())
     assert cal["protocol"] == "cross-fit" and cal["complexity_cap"] is None
+    assert cal["reconstruction_weight"] == 0.5  # images default to 1; asked for, it is kept
     assert cal["neighbour_weight"] == 0.0 and cal["n_reference"] == 0
     assert not (model / "reference.safetensors").exists()
     res = Detector.load(model).score(np.zeros((2, 1, 8, 8), np.float32))
     assert (res.neighbour == 0).all()
-    for flag, value in (("--neighbour-share", "-1"), ("--complexity-cap", "1.5")):
+    for flag, value in (
+        ("--neighbour-share", "-1"),
+        ("--complexity-cap", "1.5"),
+        ("--reconstruction-weight", "0"),
+        ("--reconstruction-weight", "nan"),
+    ):
         code, _, err = _run(capsys, *TRAIN_FAST, flag, value, "--out", str(tmp_path / "x"))
         assert code == 2 and f"argument {flag}" in err
 

@@ -98,7 +98,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     bm.add_argument(
         "--reconstruction-weight",
         type=weight_arg,
-        default=None,
+        default="auto",
         metavar="auto|W",
         help="what the reconstruction counts for against the KL term; see train --help",
     )

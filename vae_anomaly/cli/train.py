@@ -131,7 +131,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     g.add_argument(
         "--reconstruction-weight",
         type=weight_arg,
-        default=None,
+        default="auto",
         metavar="auto|W",
         help="score = W * reconstruction + kl (+ the other terms): what the reconstruction counts "
         "for against the KL term; auto: 0.25 for tables (their per-column surprises otherwise "
