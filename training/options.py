@@ -4,6 +4,7 @@ data. ``training.pipeline`` resolves them against the data set."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
@@ -101,10 +102,19 @@ class CalibrationOptions:
     reconstruction_weight: float | None = None
 
     def resolve_reconstruction_weight(self, sample_shape: tuple[int, ...]) -> float:
-        if self.reconstruction_weight is not None:  # ScoreConfig checks it
-            return self.reconstruction_weight
-        table = len(sample_shape) == 1 and self.score_kind == "elbo"
-        return TABLE_RECONSTRUCTION_WEIGHT if table else 1.0
+        """Checked before any training: a refused weight costs no time."""
+        w = self.reconstruction_weight
+        if w is None:
+            table = len(sample_shape) == 1 and self.score_kind == "elbo"
+            return TABLE_RECONSTRUCTION_WEIGHT if table else 1.0
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"reconstruction weight must be a finite number > 0, got {w}")
+        if w != 1 and self.score_kind != "elbo":
+            raise ConfigError(
+                f"a reconstruction weight other than 1 needs --score elbo; the {self.score_kind} "
+                "score is scored whole"
+            )
+        return float(w)
 
     def resolve_neighbour_space(self, sample_shape: tuple[int, ...]) -> str:
         if self.neighbour_space == "auto":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from detector.detector import Detector
-from detector.errors import FPRError
+from detector.errors import ConfigError, FPRError
 from training.data import Dataset
 from training.pipeline import (
     CalibrationOptions,
@@ -157,3 +159,16 @@ def test_the_input_space_reference_is_a_seeded_subset_beyond_its_cap(monkeypatch
     assert again is not None and torch.equal(ref, again)  # the same seed, the same subset
     small, _ = C.neighbour_setup(model, x[:80], x[:50], InputSpec((6,)), 0.5, config=config)
     assert small is not None and small.shape[0] == 80  # under the cap: every training row
+
+
+def test_a_reconstruction_weight_is_checked_before_training() -> None:
+    """Refused from the options alone (train_detector resolves them before it fits a model)."""
+    auto = CalibrationOptions()
+    assert auto.resolve_reconstruction_weight((30,)) == 0.25  # a table
+    assert auto.resolve_reconstruction_weight((1, 28, 28)) == 1.0  # an image
+    iwae = CalibrationOptions(score_kind="iwae", score_samples=4)
+    assert iwae.resolve_reconstruction_weight((30,)) == 1.0  # the bound is scored whole
+    with pytest.raises(ConfigError, match="needs --score elbo; the iwae score is scored whole"):
+        replace(iwae, reconstruction_weight=0.5).resolve_reconstruction_weight((30,))
+    with pytest.raises(ConfigError, match="finite number > 0, got 0"):
+        CalibrationOptions(reconstruction_weight=0.0).resolve_reconstruction_weight((30,))
