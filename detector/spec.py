@@ -110,7 +110,9 @@ def validate_samples(x: Any, spec: InputSpec, name: str = "X") -> npt.NDArray[np
         raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     check_batch_shape(arr.shape, spec, name)
     n = arr.shape[0]
-    out = np.ascontiguousarray(arr.reshape(n, *spec.shape), dtype=np.float32)
+    # writable too (a copy only of a read-only input, e.g. a memory-mapped .npy), so every runtime
+    # wraps it with torch.from_numpy
+    out = np.require(arr.reshape(n, *spec.shape), np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
     flat = out.reshape(n, -1)
     screen = screen_rows(flat, spec)
     if screen.nonfinite.any():
