@@ -6,6 +6,7 @@
       weights.safetensors   tensors only (safetensors: no pickle, nothing runs on load)
       reference.safetensors the training rows in the neighbour term's space (when on): posterior
                             means, or input features
+      head.safetensors      the transformation head's two layers (images; detector.transforms)
       config.json           model config, input spec, training config, data provenance, versions
       calibration.json      score kind, target FPR, threshold, the calibration scores (p-values)
       metrics.json          training history and validation figures
@@ -43,6 +44,7 @@ from detector.model import VAE, VAEConfig
 from detector.neighbours import reference_widths
 from detector.spec import InputSpec
 from detector.threshold import Calibration
+from detector.transforms import HeadConfig, TransformHead
 
 FORMAT = "vae-anomaly-artifact"
 FORMAT_VERSION = 1
@@ -53,8 +55,9 @@ METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
 REFERENCE_TENSOR = "latent_means"
+HEAD = "head.safetensors"
 REQUIRED_FILES: tuple[str, ...] = (WEIGHTS, CONFIG, CALIBRATION, METRICS)
-KNOWN_FILES: frozenset[str] = frozenset((*REQUIRED_FILES, REFERENCE))
+KNOWN_FILES: frozenset[str] = frozenset((*REQUIRED_FILES, REFERENCE, HEAD))
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Artifact:
     metrics: dict[str, Any]
     manifest: dict[str, Any]
     reference: torch.Tensor | None = None  # (n_reference, latent or n_features)
+    head: TransformHead | None = None  # the transformation head (images)
 
     @property
     def model_version(self) -> str:
@@ -101,6 +105,7 @@ def save(
     metrics: dict[str, Any] | None = None,
     overwrite: bool = False,
     reference: torch.Tensor | None = None,
+    head: TransformHead | None = None,
 ) -> Path:
     """Write the artifact directory atomically; returns its path."""
     target = Path(path)
@@ -109,6 +114,8 @@ def save(
         raise ArtifactError(
             f"the calibration expects {calibration.n_reference} reference rows, got {n_ref}"
         )
+    if calibration.score_config.transformation_weight and head is None:
+        raise ArtifactError("the calibration's transformation term needs the head; none given")
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -122,6 +129,7 @@ def save(
                     "training": training or {},
                     "data": data or {},
                     "versions": package_versions(),
+                    **({"head": head.config.to_dict()} if head is not None else {}),
                 },
             )
             write_json(tmp / CALIBRATION, calibration.to_dict())
@@ -132,6 +140,11 @@ def save(
                 save_file({REFERENCE_TENSOR: ref}, str(tmp / REFERENCE), metadata={"format": "pt"})
                 _fsync(tmp / REFERENCE)
                 names.append(REFERENCE)
+            if head is not None:
+                weights = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+                save_file(weights, str(tmp / HEAD), metadata={"format": "pt"})
+                _fsync(tmp / HEAD)
+                names.append(HEAD)
             files = {name: _file_entry(tmp / name) for name in names}
             digest = hashlib.sha256(
                 "".join(f"{n}:{files[n]['sha256']}" for n in sorted(files)).encode()
@@ -233,6 +246,14 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
             model_config,
             calibration.score_config.neighbour_space,
         )
+    head = (
+        _load_head(root, config, files, input_spec) if HEAD in files or "head" in config else None
+    )
+    if head is None and calibration.score_config.transformation_weight:
+        raise ArtifactIntegrityError(
+            f"{root / MANIFEST} does not list {HEAD}, which the calibration's transformation "
+            "term needs"
+        )
     return Artifact(
         path=root,
         model=model,
@@ -242,6 +263,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         metrics=metrics,
         manifest=manifest,
         reference=reference.to(device) if reference is not None else None,
+        head=head.to(device).eval() if head is not None else None,
     )
 
 
@@ -276,6 +298,57 @@ def _check_weight_shapes(path: Path, config: VAEConfig) -> None:
             f"{path} does not fit the model config: tensor {k!r} is "
             f"{found.get(k, 'missing')}, the config needs {expected.get(k, 'none')}"
         )
+
+
+def _load_head(
+    root: Path, config: dict[str, Any], files: dict[str, Any], input_spec: InputSpec
+) -> TransformHead:
+    """The transformation head: its config.json entry and its weights, the shapes checked
+    against the header before anything is allocated."""
+    if HEAD not in files or "head" not in config:
+        missing = f"does not list {HEAD}" if HEAD not in files else "has no 'head' entry"
+        raise ArtifactIntegrityError(
+            f"{root}: the artifact's {MANIFEST if HEAD not in files else CONFIG} {missing}, "
+            "which its transformation head needs"
+        )
+    try:
+        head_config = HeadConfig.from_dict(config["head"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactIntegrityError(f"{root / CONFIG}: the head config is invalid: {e}") from e
+    if head_config.input_shape != tuple(input_spec.shape):
+        raise ArtifactIntegrityError(
+            f"{root / CONFIG}: the head's input {list(head_config.input_shape)} is not the "
+            f"input spec's {list(input_spec.shape)}"
+        )
+    path = root / HEAD
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in TransformHead(head_config).state_dict().items()}
+    state = _read_tensors(path, expected)
+    head = TransformHead(head_config)
+    head.load_state_dict(state, strict=True)
+    return head
+
+
+def _read_tensors(path: Path, expected: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """A safetensors file's float32 tensors, exactly ``expected``'s names and shapes (checked in
+    the header before any is read), all finite."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            found = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+            if found != expected or set(dtypes.values()) != {"F32"}:
+                raise ArtifactIntegrityError(
+                    f"{path} holds {found} ({sorted(set(dtypes.values()))}), expected F32 "
+                    f"{expected}"
+                )
+            state = {k: f.get_tensor(k) for k in expected}
+    except (SafetensorError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ArtifactIntegrityError(f"{path}: {bad[0]} holds NaN or infinity")
+    return state
 
 
 def _load_reference(path: Path, n: int, config: VAEConfig, space: str) -> torch.Tensor:

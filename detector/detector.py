@@ -30,6 +30,7 @@ from detector.result import DetectionResult
 from detector.score import ScoreConfig, ScoreParts, score_batch
 from detector.spec import InputSpec, validate_samples
 from detector.threshold import Calibration
+from detector.transforms import TransformHead
 
 DEFAULT_BATCH_SIZE = 512
 # What runs the network: torch (its forward pass traced into TorchScript), or onnxruntime (the
@@ -96,6 +97,7 @@ class Detector:
         batch_size: int = DEFAULT_BATCH_SIZE,
         reference: npt.ArrayLike | torch.Tensor | None = None,
         runtime: str = "torch",
+        head: TransformHead | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,6 +131,15 @@ class Detector:
                     f"the calibration's neighbour term needs {calibration.n_reference} reference "
                     f"rows, got {n}"
                 )
+        # the transformation head (detector.transforms): images, beside the VAE
+        if head is not None and head.config.n_features != model.config.n_features:
+            raise ConfigError(
+                f"the transformation head takes {head.config.n_features} features, the model "
+                f"{model.config.n_features}"
+            )
+        if head is None and calibration and calibration.score_config.transformation_weight:
+            raise ConfigError("the calibration's transformation term needs the head; none given")
+        self.head = head.to(self.device).eval() if head is not None else None
         self.calibration = calibration
         self.input_spec = input_spec
         self.model_version = model_version
@@ -165,6 +176,7 @@ class Detector:
             batch_size=batch_size,
             reference=art.reference,
             runtime=runtime,
+            head=art.head,
         )
         det._probe(art.path)
         return det
@@ -219,6 +231,7 @@ class Detector:
             batch_size=self.batch_size,
             reference=self.reference,
             runtime=self.runtime,
+            head=self.head,
         )
         other._traced, other._onnx = self._traced, self._onnx  # same model, same graphs
         return other
@@ -227,8 +240,8 @@ class Detector:
     def score_parts(
         self, x: Any, *, config: ScoreConfig | None = None, name: str = "X"
     ) -> dict[str, npt.NDArray[np.float64]]:
-        """Validate ``x``; return score, reconstruction, kl, complexity, neighbour (each (N,)).
-        Higher = more anomalous.
+        """Validate ``x``; return score, reconstruction, kl, complexity, neighbour,
+        transformation (each (N,)). Higher = more anomalous.
 
         Needs no calibration: ``config`` defaults to the calibration's score settings
         (:attr:`score_config`). The ``neighbour`` part is computed whenever reference rows exist.
@@ -341,6 +354,11 @@ class Detector:
             parts["complexity"] = np.zeros_like(parts["score"])
         if config.neighbour_weight:
             parts["score"] = parts["score"] + config.neighbour_weight * parts["neighbour"]
+        if config.transformation_weight:
+            if self.head is None:
+                raise ConfigError("the transformation term needs the head; this detector has none")
+            w = config.transformation_weight
+            parts["score"] = parts["score"] + w * np.log1p(parts["transformation"])
         return parts
 
     @torch.inference_mode()
@@ -362,6 +380,7 @@ class Detector:
             return self._onnx.parts(arr, self.batch_size, search, neighbour_k)
         chunks: list[ScoreParts] = []
         near: list[torch.Tensor] = []
+        surprise: list[torch.Tensor] = []
         graph = self._elbo_graph() if kind == "elbo" else None
         shape = self.model.config.input_shape
         for start in range(0, arr.shape[0], self.batch_size):
@@ -377,13 +396,16 @@ class Detector:
                     mu = self.model.encode(xb)[0]
             if search is not None:
                 near.append(search.distance(self.model, xb, mu, neighbour_k))
+            if self.head is not None:
+                surprise.append(self.head.nll(xb))
         out = {
             name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
             for name in ("score", "reconstruction", "kl")
         }
-        out["neighbour"] = (
-            torch.cat(near).double().cpu().numpy() if near else np.zeros_like(out["score"])
-        )
+        for name, got in (("neighbour", near), ("transformation", surprise)):
+            out[name] = (
+                torch.cat(got).double().cpu().numpy() if got else np.zeros_like(out["score"])
+            )
         return out
 
     def searcher(self, space: str) -> Search | None:
@@ -407,6 +429,8 @@ class Detector:
             "complexity_floor": self.score_config.complexity_floor,
             "neighbour_weight": self.score_config.neighbour_weight,
             "neighbour_space": self.score_config.neighbour_space,
+            "transformation_weight": self.score_config.transformation_weight,
+            "transformation_head": self.head.config.to_dict() if self.head is not None else None,
             "n_reference": 0 if self.reference is None else int(self.reference.shape[0]),
             "input": self.input_spec.to_dict(),
             "model": self.model.config.to_dict(),

@@ -3,10 +3,11 @@
 The graph holds everything of the score that is tensor arithmetic: the encoder, the decoder, the
 likelihood (Gaussian, Bernoulli, a table's categorical blocks and missing cells), the KL term and
 the neighbour term (the reference rows are a constant of the graph: the training rows' posterior
-means, or for the input space their features divided by each feature's spread, with the spread)::
+means, or for the input space their features divided by each feature's spread, with the spread)
+and the transformation head's surprise (images; 0 without a head)::
 
     input (N, *input_shape) float32
-      -> reconstruction, kl, neighbour               (N,) each, in nats
+      -> reconstruction, kl, neighbour, transformation   (N,) each, in nats
       -> score                                        when the score is all in the graph
       -> score_before_complexity                      when it is not (images' complexity credit)
 
@@ -45,6 +46,7 @@ from detector.detector import Detector, ELBOGraph
 from detector.errors import ConfigError
 from detector.model import VAE
 from detector.neighbours import Search
+from detector.transforms import TransformHead
 
 OPSET = 18
 INPUT_NAME = "input"
@@ -66,9 +68,13 @@ class ScoringGraph(torch.nn.Module):
         *,
         reconstruction_weight: float = 1.0,
         latent_output: bool = False,
+        head: TransformHead | None = None,
+        transformation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.elbo = ELBOGraph(model)
+        self.head = head
+        self.transformation_weight = float(transformation_weight)
         self.latent_output = latent_output  # the runtime scorer's graph: E[z|x] out, no search
         self.has_reference = search is not None and not latent_output
         # the input space's rows are stored divided by each feature's spread (detector.neighbours)
@@ -83,10 +89,11 @@ class ScoringGraph(torch.nn.Module):
 
     def forward(
         self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         elbo, reconstruction, kl, mu = self.elbo(x)  # (B,) x 3, (B, latent)
+        surprise = self.head.nll(x) if self.head is not None else torch.zeros_like(kl)
         if self.latent_output:
-            return elbo, reconstruction, kl, mu
+            return elbo, reconstruction, kl, mu, surprise
         if self.has_reference:
             query = self.elbo.model.input_features(x) / self.scale if self.input_space else mu
             diff = query[:, None, :] - self.reference[None, :, :]  # (B, N, width)
@@ -96,7 +103,10 @@ class ScoringGraph(torch.nn.Module):
             neighbour = torch.zeros_like(kl)
         if self.reconstruction_weight != 1:
             elbo = self.reconstruction_weight * reconstruction + kl
-        return elbo + self.weight * neighbour, reconstruction, kl, neighbour
+        score = elbo + self.weight * neighbour
+        if self.transformation_weight:
+            score = score + self.transformation_weight * torch.log1p(surprise)
+        return score, reconstruction, kl, neighbour, surprise
 
 
 def score_output_name(det: Detector) -> str:
@@ -119,6 +129,8 @@ def scoring_graph(det: Detector, *, latent_output: bool = False) -> ScoringGraph
         cfg.neighbour_weight,
         reconstruction_weight=cfg.reconstruction_weight,
         latent_output=latent_output,
+        head=det.head,
+        transformation_weight=cfg.transformation_weight,
     )
     return graph.to(det.device).eval()
 
@@ -137,6 +149,7 @@ def to_onnx(det: Detector, *, latent_output: bool = False) -> bytes:
         "reconstruction",
         "kl",
         "latent_mean" if latent_output else "neighbour",
+        "transformation",
     ]
     buf = io.BytesIO()
     with _quiet_exporter(), torch.no_grad():
@@ -271,8 +284,13 @@ class OnnxRuntimeScorer:
     ) -> dict[str, npt.NDArray[np.float32]]:
         """Score parts of a batch shaped (N, *input_shape): the -ELBO as ``score``."""
         outs: list[Any] = self.session.run(None, {INPUT_NAME: x})
-        score, reconstruction, kl, mu = outs
-        parts = {"score": score, "reconstruction": reconstruction, "kl": kl}
+        score, reconstruction, kl, mu, surprise = outs
+        parts = {
+            "score": score,
+            "reconstruction": reconstruction,
+            "kl": kl,
+            "transformation": surprise,
+        }
         if search is not None:
             # the input space searches the rows' own features, the latent space the graph's
             # posterior means

@@ -20,8 +20,9 @@ class DetectionResult:
 
     ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
     input-complexity correction is on (``complexity`` is 0 when it is off), plus
-    ``neighbour_weight * neighbour`` (the distance to the training rows; 0 when off);
-    higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
+    ``neighbour_weight * neighbour`` (the distance to the training rows; 0 when off), plus
+    ``transformation_weight * log(1 + transformation)`` (the transformation head's surprise,
+    images; 0 without a head); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
     score > threshold.
     """
 
@@ -30,6 +31,7 @@ class DetectionResult:
     kl: npt.NDArray[np.float64]
     complexity: npt.NDArray[np.float64]
     neighbour: npt.NDArray[np.float64]
+    transformation: npt.NDArray[np.float64]
     p_value: npt.NDArray[np.float64]
     is_anomaly: npt.NDArray[np.bool_]
     threshold: float
@@ -40,6 +42,7 @@ class DetectionResult:
         "kl",
         "complexity",
         "neighbour",
+        "transformation",
         "p_value",
         "is_anomaly",
     )  # the per-sample results, in the order of every response and output file
@@ -60,6 +63,7 @@ class DetectionResult:
             kl=parts["kl"],
             complexity=parts["complexity"],
             neighbour=parts["neighbour"],
+            transformation=parts["transformation"],
             p_value=calibration.p_values(score),
             is_anomaly=calibration.flags(score),
             threshold=calibration.threshold,

@@ -65,6 +65,7 @@ class ScoreConfig:
             + neighbour_weight * (distance from E[z|x], or from the standardised input when
               neighbour_space is "input", to its neighbour_k-th nearest training row)
                                                                  (detector.neighbours)
+            + transformation_weight * log(1 + transformation)    (detector.transforms)
 
     The calibration saves it with flat keys (``score_kind``, ``complexity_codec``, ...), which
     older artifacts also have; keys an older artifact lacks get the value it was scored with.
@@ -88,6 +89,9 @@ class ScoreConfig:
     neighbour_k: int = DEFAULT_K
     # where the neighbour distance is measured (detector.neighbours): "latent" or "input"
     neighbour_space: str = "latent"
+    # the transformation head's surprise (images): its weight is fitted on the validation normals
+    # so that log(1 + transformation) spreads over a set share of the rest of the score's spread
+    transformation_weight: float = 0.0
 
     def __post_init__(self) -> None:
         validate_score_kind(self.kind, self.samples)
@@ -115,6 +119,9 @@ class ScoreConfig:
         if self.neighbour_k < 1:
             raise ConfigError(f"neighbour k must be >= 1, got {self.neighbour_k}")
         check_space(self.neighbour_space)
+        tw = self.transformation_weight
+        if not (math.isfinite(tw) and tw >= 0):
+            raise ConfigError(f"transformation weight must be a finite number >= 0, got {tw}")
 
     def replace(self, **changes: Any) -> ScoreConfig:
         return replace(self, **changes)
@@ -135,6 +142,7 @@ class ScoreConfig:
             "neighbour_weight": self.neighbour_weight,
             "neighbour_k": self.neighbour_k,
             "neighbour_space": self.neighbour_space,
+            "transformation_weight": self.transformation_weight,
         }
 
     @classmethod
@@ -158,6 +166,8 @@ class ScoreConfig:
             neighbour_k=int(d.get("neighbour_k", DEFAULT_K)),
             # every calibration written before the input space existed measured in the latent one
             neighbour_space=str(d.get("neighbour_space", "latent")),
+            # absent before the transformation head existed: no such term
+            transformation_weight=float(d.get("transformation_weight", 0.0)),
         )
 
     def definition(self) -> str:
@@ -174,6 +184,12 @@ class ScoreConfig:
             else f" + {self.neighbour_weight:.4g} * neighbour, where neighbour = the distance from "
             + where
         )
+        if self.transformation_weight:
+            near += (
+                f" + {self.transformation_weight:.4g} * log(1 + transformation), where "
+                "transformation = -sum_k log p(k | T_k x), the surprise of a classifier trained "
+                "to tell rotations and shifts T_k of the normal images apart"
+            )
         rw = self.reconstruction_weight
         lik = "reconstruction + kl" if rw == 1 else f"{rw:g} * reconstruction + kl"
         weighted = (

@@ -124,7 +124,8 @@ SCORE_OPENAPI: dict[str, Any] = {
         "model's input shape; for a model trained on a table, a record of column: value, null "
         "for a missing value), or an NPY array of instances (`application/x-npy`). Values outside "
         "the model's input range are rejected (422) unless `clip=true`. Returns one result per "
-        "instance: score, reconstruction, kl, complexity, neighbour, p_value, is_anomaly."
+        "instance: score, reconstruction, kl, complexity, neighbour, transformation, p_value, "
+        "is_anomaly."
     ),
     "operationId": "score",
     "parameters": [
@@ -182,6 +183,7 @@ SCORE_OPENAPI: dict[str, Any] = {
                                         "kl": {"type": "number"},
                                         "complexity": {"type": "number"},
                                         "neighbour": {"type": "number"},
+                                        "transformation": {"type": "number"},
                                         "p_value": {"type": "number"},
                                         "is_anomaly": {"type": "boolean"},
                                         "feature_errors": {

@@ -14,6 +14,7 @@ from detector.neighbours import MAX_INPUT_REFERENCE_ROWS, fit_weight
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import DEFAULT_TARGET_FPR, Calibration, validate_fpr
+from detector.transforms import TransformHead
 
 # The complexity credit stops at this quantile of the validation normals' complexity (0.5: the
 # median); docs/experiments.md, "The complexity credit, capped".
@@ -106,13 +107,14 @@ def calibrate(
     config: ScoreConfig | None = None,
     reference: torch.Tensor | None = None,
     device: str = "cpu",
+    head: TransformHead | None = None,
 ) -> Calibration:
     """Threshold = conformal quantile of the held-out normal scores (higher = more anomalous)."""
     validate_fpr(target_fpr, int(x_cal.shape[0]))  # fail before spending time scoring
     config = config or ScoreConfig()
-    scores = Detector(model, None, input_spec, device=device, reference=reference).score_parts(
-        x_cal, config=config
-    )["score"]
+    scores = Detector(
+        model, None, input_spec, device=device, reference=reference, head=head
+    ).score_parts(x_cal, config=config)["score"]
     return Calibration.fit(
         scores,
         target_fpr,

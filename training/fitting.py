@@ -16,6 +16,7 @@ from detector.threshold import Calibration
 from training.augment import make_augmentation
 from training.calibrate import neighbour_setup
 from training.data import Split
+from training.head import head_setup
 from training.train import TrainConfig, TrainResult, fit
 
 if TYPE_CHECKING:
@@ -79,12 +80,14 @@ def cross_fit_calibration(
     progress: bool | None,
     device: str,
     seed: int,
+    transformation_share: float = 0.0,
 ) -> Calibration:
     """K-fold out-of-fold scores of every pooled normal row (cross-conformal calibration, Vovk
     2015): fold k's rows are scored by a model trained on the other folds only, with the final
     model's score settings (``likelihood``: the complexity cap included); each fold model's
-    neighbour term uses its own training rows and weight, fitted as the final model's are. The
-    caller sets the final model's neighbour weight on the returned calibration."""
+    neighbour term uses its own training rows and weight, fitted as the final model's are, and so
+    does its transformation head (``transformation_share``). The caller sets the final model's
+    weights on the returned calibration."""
     pool = split.x_cal
     n = pool.shape[0]
     folds = np.array_split(np.random.default_rng(seed + 1).permutation(n), CROSS_FIT_FOLDS)
@@ -117,9 +120,23 @@ def cross_fit_calibration(
             device=device,
             seed=train.seed,
         )
+        config = likelihood.replace(neighbour_weight=weight)
+        head, head_weight = head_setup(
+            fold.model,
+            pool[tr],
+            pool[val],
+            spec,
+            transformation_share,
+            config=config,
+            reference=reference,
+            device=device,
+            seed=train.seed,
+            progress=progress,
+            desc=f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}: transformation head",
+        )
         scores[held] = Detector(
-            fold.model, None, spec, device=device, reference=reference
-        ).score_parts(pool[held], config=likelihood.replace(neighbour_weight=weight))["score"]
+            fold.model, None, spec, device=device, reference=reference, head=head
+        ).score_parts(pool[held], config=config.replace(transformation_weight=head_weight))["score"]
     return Calibration.fit(
         scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
     )

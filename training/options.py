@@ -11,6 +11,7 @@ from detector.complexity import DEFAULT_CODEC, DEFAULT_FILTER, DEFAULT_LEVEL
 from detector.errors import ConfigError
 from detector.neighbours import check_space
 from detector.score import TABLE_RECONSTRUCTION_WEIGHT
+from detector.transforms import supports as head_supports
 from training.calibrate import (
     DEFAULT_COMPLEXITY_CAP_QUANTILE,
     DEFAULT_COMPLEXITY_FLOOR_QUANTILE,
@@ -20,6 +21,8 @@ from training.calibrate import (
 from training.data import TableOptions
 
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
+# the transformation head's share of an image score's spread (CalibrationOptions)
+IMAGE_TRANSFORMATION_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,26 @@ class CalibrationOptions:
     # What the reconstruction counts for against the KL term (1 = the -ELBO). None = auto:
     # TABLE_RECONSTRUCTION_WEIGHT for tables (1-D samples) scored by the ELBO, else 1.
     reconstruction_weight: float | None = None
+    # The transformation head (detector.transforms): the spread of log(1 + its surprise) on the
+    # validation normals as a share of the rest of the score's; 0 = no head. None = auto:
+    # IMAGE_TRANSFORMATION_SHARE for square images, 0 for tables and other shapes
+    # (docs/experiments.md, "Eighth session").
+    transformation_share: float | None = None
+
+    def resolve_transformation_share(self, sample_shape: tuple[int, ...]) -> float:
+        """Checked before any training: a refused share costs no time."""
+        share = self.transformation_share
+        if share is None:
+            return IMAGE_TRANSFORMATION_SHARE if head_supports(sample_shape) else 0.0
+        if not (math.isfinite(share) and share >= 0):
+            raise ConfigError(f"transformation share must be a finite number >= 0, got {share}")
+        if share > 0 and not head_supports(sample_shape):
+            raise ConfigError(
+                "the transformation head needs square images ((H, W) or (C, H, W), side 8-1024); "
+                f"the data's samples are shaped {tuple(sample_shape)}: use "
+                "--transformation-share 0"
+            )
+        return float(share)
 
     def resolve_reconstruction_weight(self, sample_shape: tuple[int, ...]) -> float:
         """Checked before any training: a refused weight costs no time."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from training.fitting import (
     flat,
     model_range,
 )
+from training.head import head_setup
 from training.options import (  # importing the options from here keeps working
     CALIBRATION_METHODS,
     CalibrationOptions,
@@ -171,6 +173,7 @@ def train_detector(
     complexity_weight = cal_opts.resolve_complexity_weight(spec.value_range)
     neighbour_space = cal_opts.resolve_neighbour_space(ds.sample_shape)
     reconstruction_weight = cal_opts.resolve_reconstruction_weight(ds.sample_shape)
+    transformation_share = cal_opts.resolve_transformation_share(ds.sample_shape)
     method = calibration_method(cal_opts, split.x_cal.shape[0])
     if method == "cross-fit":
         split = cross_fit_split(split, data.val_fraction, seed=data.split_seed)
@@ -232,6 +235,21 @@ def train_detector(
         device=str(device),
         seed=train.seed,
     )
+    head_start = time.perf_counter()
+    head, head_weight = head_setup(
+        result.model,
+        split.x_train,
+        split.x_val,
+        spec,
+        transformation_share,
+        config=likelihood.replace(neighbour_weight=weight),
+        reference=reference,
+        device=device,
+        seed=train.seed,
+        progress=progress,
+    )
+    head_seconds = time.perf_counter() - head_start
+    final = likelihood.replace(neighbour_weight=weight, transformation_weight=head_weight)
     if method == "cross-fit":
         cal = cross_fit_calibration(
             split,
@@ -244,10 +262,11 @@ def train_detector(
             progress,
             str(device),
             data.split_seed,
+            transformation_share,
         )
         cal = replace(
             cal,
-            score_config=likelihood.replace(neighbour_weight=weight),
+            score_config=final,
             n_reference=0 if reference is None else len(reference),
         )
     else:
@@ -256,9 +275,10 @@ def train_detector(
             split.x_cal,
             spec,
             target_fpr=cal_opts.target_fpr,
-            config=likelihood.replace(neighbour_weight=weight),
+            config=final,
             reference=reference,
             device=str(device),
+            head=head,
         )
     metrics = {
         "history": result.history,
@@ -266,6 +286,7 @@ def train_detector(
         "best_val_loss": result.best_val_loss,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
+        "head_seconds": head_seconds if head is not None else 0.0,
         "split": split.info,
         "calibration": {
             "method": method,
@@ -287,7 +308,7 @@ def train_detector(
         "normal_class": data.normal_class if ds.y_train is not None else None,
         "split": split.info,
     }
-    detector = Detector(result.model, cal, spec, device=device, reference=reference)
+    detector = Detector(result.model, cal, spec, device=device, reference=reference, head=head)
     if out_path is not None:
         artifact.save(
             out_path,
@@ -299,6 +320,7 @@ def train_detector(
             metrics=metrics,
             overwrite=overwrite,
             reference=reference,
+            head=head,
         )
         detector = Detector.load(out_path, device=device)
     return TrainOutcome(detector=detector, split=split, dataset=ds, path=out_path, metrics=metrics)

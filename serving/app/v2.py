@@ -233,8 +233,8 @@ INFER_OPENAPI: dict[str, Any] = {
     "description": "Inputs as the model metadata lists them (one FP32 tensor 'input' for images "
     "and arrays; one tensor per column for a table: FP64 numbers, BYTES categories), data "
     "row-major, flat or nested, or as binary data (Inference-Header-Content-Length). Outputs: "
-    "score (higher = more anomalous), reconstruction, kl, complexity, neighbour, p_value, "
-    "is_anomaly (and n_missing, n_unseen for a table), shape [N]; all unless 'outputs' names "
+    "score (higher = more anomalous), reconstruction, kl, complexity, neighbour, transformation, "
+    "p_value, is_anomaly (and n_missing, n_unseen for a table), shape [N]; all unless 'outputs' names "
     "some. parameters.target_fpr re-thresholds one request. Errors: {'error': message}.",
     "parameters": [
         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},

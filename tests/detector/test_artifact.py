@@ -31,7 +31,7 @@ def test_round_trip_gives_identical_scores(trained: TrainOutcome, artifact_dir: 
     # the neighbour term is on by default: for images, the training rows' posterior means travel
     # along
     assert trained.detector.score_config.neighbour_space == "latent"
-    assert set(manifest["files"]) == {*artifact.REQUIRED_FILES, artifact.REFERENCE}
+    assert set(manifest["files"]) == {*artifact.REQUIRED_FILES, artifact.REFERENCE, artifact.HEAD}
     assert loaded.reference is not None and trained.detector.reference is not None
     assert torch.equal(loaded.reference, trained.detector.reference)
     assert loaded.calibration is not None
@@ -113,8 +113,13 @@ def test_save_refuses_to_overwrite_and_replaces_on_request(
     det = trained.detector
     with pytest.raises(ArtifactError, match="already exists"):
         artifact.save(
-            artifact_dir, det.model, det.calibration, det.input_spec, reference=det.reference
-        )  # type: ignore[arg-type]
+            artifact_dir,
+            det.model,
+            det.calibration,  # type: ignore[arg-type]
+            det.input_spec,
+            reference=det.reference,
+            head=det.head,
+        )
     artifact.save(
         artifact_dir,
         det.model,
@@ -122,6 +127,7 @@ def test_save_refuses_to_overwrite_and_replaces_on_request(
         det.input_spec,
         overwrite=True,
         reference=det.reference,
+        head=det.head,
     )
     assert Detector.load(artifact_dir).threshold == det.threshold
     assert [p.name for p in artifact_dir.parent.iterdir()] == ["model"]  # no temp dirs left
@@ -138,7 +144,14 @@ def test_failed_save_leaves_nothing(
     monkeypatch.setattr(artifact, "write_json", boom)
     target = tmp_path / "out" / "model"
     with pytest.raises(OSError, match="disk full"):
-        artifact.save(target, det.model, det.calibration, det.input_spec, reference=det.reference)  # type: ignore[arg-type]
+        artifact.save(
+            target,
+            det.model,
+            det.calibration,
+            det.input_spec,
+            reference=det.reference,
+            head=det.head,
+        )  # type: ignore[arg-type]
     assert not target.exists()
     assert os.listdir(tmp_path / "out") == []
 

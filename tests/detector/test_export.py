@@ -169,6 +169,7 @@ def test_iwae_score_is_not_exported(trained) -> None:  # type: ignore[no-untyped
         ),
         det.input_spec,
         reference=det.reference,
+        head=det.head,
     )
     with pytest.raises(ConfigError, match="only the ELBO score exports"):
         export_onnx(iwae, "/nonexistent/never-written.onnx")

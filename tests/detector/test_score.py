@@ -25,13 +25,15 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     assert cal.complexity_floor is not None  # and floored at their 1 % quantile
     assert cal.complexity_floor < cal.complexity_cap
     assert cal.neighbour_weight > 0  # the latent-neighbour term: on by default
+    assert cal.transformation_weight > 0  # and the transformation head, for square images
     parts = det.score_parts(_pool(digits))
     np.testing.assert_allclose(
         parts["reconstruction"]
         + parts["kl"]
         - np.minimum(parts["complexity"], cal.complexity_cap)
         + np.maximum(0.0, cal.complexity_floor - parts["complexity"])
-        + cal.neighbour_weight * parts["neighbour"],
+        + cal.neighbour_weight * parts["neighbour"]
+        + cal.transformation_weight * np.log1p(parts["transformation"]),
         parts["score"],
         rtol=1e-6,
         atol=1e-3,  # the parts are summed in float32 inside the model
@@ -47,7 +49,12 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     np.testing.assert_array_equal(parts["score"][~simple], unfloored["score"][~simple])
     uncapped = det.score_parts(
         _pool(digits),
-        config=cal.replace(complexity_cap=None, complexity_floor=None, neighbour_weight=0.0),
+        config=cal.replace(
+            complexity_cap=None,
+            complexity_floor=None,
+            neighbour_weight=0.0,
+            transformation_weight=0.0,
+        ),
     )
     np.testing.assert_allclose(
         uncapped["reconstruction"] + uncapped["kl"] - uncapped["complexity"],
@@ -58,7 +65,12 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
     assert (parts["kl"] >= 0).all() and (parts["complexity"] > 0).all()
     plain = det.score_parts(
         _pool(digits),
-        config=cal.replace(complexity_weight=0.0, complexity_floor=None, neighbour_weight=0.0),
+        config=cal.replace(
+            complexity_weight=0.0,
+            complexity_floor=None,
+            neighbour_weight=0.0,
+            transformation_weight=0.0,
+        ),
     )
     np.testing.assert_allclose(
         plain["reconstruction"] + plain["kl"], plain["score"], rtol=1e-6, atol=1e-3
@@ -184,7 +196,12 @@ def test_small_internal_batches_give_the_same_scores(
 ) -> None:
     big = trained.detector
     small = Detector(
-        big.model, big.calibration, big.input_spec, batch_size=7, reference=big.reference
+        big.model,
+        big.calibration,
+        big.input_spec,
+        batch_size=7,
+        reference=big.reference,
+        head=big.head,
     )
     ref = big.score(_pool(digits))
     tol = 1e-5 * float(np.median(np.abs(ref.score)))

@@ -86,6 +86,7 @@ def test_score_json_matches_offline_detector(
             "kl",
             "complexity",
             "neighbour",
+            "transformation",
             "p_value",
             "is_anomaly",
         }
@@ -514,6 +515,7 @@ def test_metadata_tells_no_server_paths(trained: TrainOutcome) -> None:
         det.calibration,
         det.input_spec,
         reference=det.reference,
+        head=det.head,
         metadata={
             "config": {
                 "data": {"dataset": "file", "source": "/home/alice/secret/normal.csv"},

@@ -25,7 +25,16 @@ from training.data import Dataset
 from training.pipeline import TrainOutcome
 from vae_anomaly.cli import main
 
-RESULTS = ["score", "reconstruction", "kl", "complexity", "neighbour", "p_value", "is_anomaly"]
+RESULTS = [
+    "score",
+    "reconstruction",
+    "kl",
+    "complexity",
+    "neighbour",
+    "transformation",
+    "p_value",
+    "is_anomaly",
+]
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,12 @@ def test_reload_under_load_no_failed_request(trained: TrainOutcome, tmp_path: Pa
     det = trained.detector
     v2_dir = tmp_path / "v2"
     artifact.save(
-        v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec, reference=det.reference
+        v2_dir,
+        det.model,
+        det.calibration.with_fpr(0.2),
+        det.input_spec,
+        reference=det.reference,
+        head=det.head,
     )  # type: ignore[union-attr]
     bad_dir = tmp_path / "bad"
     shutil.copytree(trained.path, bad_dir)
@@ -177,7 +182,12 @@ def test_sighup_rolls_several_workers_onto_a_new_artifact(
     shutil.copytree(trained.path, model)
     v2_dir = tmp_path / "v2"
     artifact.save(
-        v2_dir, det.model, det.calibration.with_fpr(0.2), det.input_spec, reference=det.reference
+        v2_dir,
+        det.model,
+        det.calibration.with_fpr(0.2),
+        det.input_spec,
+        reference=det.reference,
+        head=det.head,
     )  # type: ignore[union-attr]
     v2 = artifact.load(v2_dir).model_version
     bad_dir = tmp_path / "bad"

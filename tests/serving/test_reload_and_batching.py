@@ -22,7 +22,12 @@ def second_artifact(trained: TrainOutcome, tmp_path: Path) -> Path:
     det = trained.detector
     out = tmp_path / "v2"
     artifact.save(
-        out, det.model, det.calibration.with_fpr(0.2), det.input_spec, reference=det.reference
+        out,
+        det.model,
+        det.calibration.with_fpr(0.2),
+        det.input_spec,
+        reference=det.reference,
+        head=det.head,
     )  # type: ignore[union-attr]
     return out
 
@@ -174,7 +179,9 @@ def test_batcher_caps_batch_size_and_reports_errors(trained: TrainOutcome) -> No
         b.start()
         await asyncio.gather(*(b.submit(x) for _ in range(4)))
         await b.stop()
-        broken = Broken(det.model, det.calibration, det.input_spec, reference=det.reference)
+        broken = Broken(
+            det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head
+        )
         b2 = MicroBatcher(lambda: broken, max_wait=0.0)
         b2.start()
         with pytest.raises(RuntimeError, match="kaboom"):
@@ -203,7 +210,7 @@ def test_a_lone_small_request_is_scored_on_the_callers_thread(trained: TrainOutc
             threads.append(threading.current_thread().name)
             return super().score_validated(x)
 
-    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference)
+    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
     batches: list[int] = []
 
     async def main() -> list[dict[str, np.ndarray]]:

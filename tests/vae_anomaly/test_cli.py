@@ -75,6 +75,7 @@ def test_train_info_evaluate_score_end_to_end(
         "kl",
         "complexity",
         "neighbour",
+        "transformation",
         "p_value",
         "is_anomaly",
     ]

@@ -258,13 +258,21 @@ def vae_method(model: ModelOptions, train: TrainConfig, calibration: Calibration
         cal = np.asarray(outcome.detector.calibration.scores)  # held-out or out-of-fold scores
         assert split.y_test is not None
         plain = parts["reconstruction"] + parts["kl"]  # the -ELBO alone, without the correction
+        head_term = outcome.detector.score_config.transformation_weight * np.log1p(
+            parts["transformation"]
+        )
+        head_seconds = float(outcome.metrics.get("head_seconds", 0.0))
         extra = {
             "auroc_plain_elbo": detection_metrics(plain, split.y_test)["auroc"],
+            # the same detector's score without the transformation head's term
+            "auroc_without_head": detection_metrics(test - head_term, split.y_test)["auroc"],
+            "head_seconds": head_seconds,
             "best_epoch": outcome.metrics["best_epoch"],
             "epochs_run": len(outcome.metrics["history"]),
             "calibration_protocol": outcome.detector.calibration.protocol,
         }
-        return MethodRun(test, cal, outcome.metrics["train_seconds"], seconds, extra)
+        train_seconds = outcome.metrics["train_seconds"] + head_seconds
+        return MethodRun(test, cal, train_seconds, seconds, extra)
 
     params = {
         "model": asdict(model),

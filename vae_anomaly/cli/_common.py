@@ -86,6 +86,16 @@ def share_arg(s: str) -> float:
     return v
 
 
+def auto_share_arg(s: str) -> float | None:
+    """A share >= 0, or ``auto`` (None: the data decides)."""
+    if s.lower() == "auto":
+        return None
+    try:
+        return share_arg(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {s}") from None
+
+
 def weight_arg(s: str) -> float | None:
     """A weight > 0, or ``auto`` (None: the data decides)."""
     if s.lower() == "auto":

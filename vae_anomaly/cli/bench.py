@@ -12,6 +12,7 @@ from vae_anomaly.cli._common import (
     PROG,
     HelpFormatter,
     add_model_args,
+    auto_share_arg,
     class_list,
     echo,
     int_list,
@@ -107,6 +108,13 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         type=share_arg,
         default=co.neighbour_share,
         help="weight of the neighbour term (0 = off); see train --help",
+    )
+    bm.add_argument(
+        "--transformation-share",
+        type=auto_share_arg,
+        default="auto",
+        metavar="auto|S",
+        help="weight of the transformation head (0 = off); see train --help",
     )
     bm.add_argument(
         "--neighbour-space",
@@ -254,6 +262,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         complexity_weight=args.complexity_weight,
         reconstruction_weight=args.reconstruction_weight,
         neighbour_share=args.neighbour_share,
+        transformation_share=args.transformation_share,
         neighbour_space=args.neighbour_space,
     )
     if args.suite == "small-data":

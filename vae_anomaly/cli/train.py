@@ -8,6 +8,7 @@ from typing import Any
 from vae_anomaly.cli._common import (
     HelpFormatter,
     add_model_args,
+    auto_share_arg,
     cap_quantile,
     column_list,
     echo,
@@ -161,6 +162,16 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "its spread on the validation rows as a share of the likelihood term's (0 = off)",
     )
     g.add_argument(
+        "--transformation-share",
+        type=auto_share_arg,
+        default="auto",
+        metavar="auto|S",
+        help="weight of the transformation head (a small classifier trained to tell rotations "
+        "and shifts of the normal images apart; its surprise on an image is evidence): the "
+        "spread of its term on the validation images as a share of the rest of the score's; "
+        "auto: 0.5 for square images, 0 (no head) for tables and other shapes",
+    )
+    g.add_argument(
         "--neighbour-space",
         choices=["auto", *NEIGHBOUR_SPACES],
         default=co.neighbour_space,
@@ -212,6 +223,7 @@ def run_train(args: argparse.Namespace) -> int:
             complexity_cap_quantile=args.complexity_cap,
             complexity_floor_quantile=args.complexity_floor,
             neighbour_share=args.neighbour_share,
+            transformation_share=args.transformation_share,
             neighbour_space=args.neighbour_space,
             method=args.calibration,
         ),

@@ -1,0 +1,148 @@
+"""Training the transformation head (``detector.transforms``) on the normal training images, and
+fitting its weight in the score on the validation images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from detector.detector import Detector
+from detector.errors import ConfigError
+from detector.model import VAE
+from detector.score import ScoreConfig
+from detector.spec import InputSpec
+from detector.transforms import HeadConfig, TransformHead
+
+HEAD_EPOCHS = 8  # passes over the N x K (image, transformation) pairs
+HEAD_MIN_STEPS = 1000  # small data sets get more passes, so that the head learns at all
+HEAD_MAX_EPOCHS = 200
+HEAD_BATCH = 256
+HEAD_LR = 1e-3
+
+
+def head_config(
+    x_train: npt.NDArray[np.float32],
+    sample_shape: tuple[int, ...],
+    value_range: tuple[float, float] | None,
+) -> HeadConfig:
+    """The head for these images: their value range onto [0, 1], or without a known range, the
+    training pixels standardised by their mean and spread."""
+    if value_range is not None:
+        lo, hi = value_range
+        return HeadConfig(tuple(sample_shape), offset=float(lo), scale=float(hi - lo))
+    spread = float(np.std(x_train))
+    return HeadConfig(
+        tuple(sample_shape),
+        offset=float(np.mean(x_train)),
+        scale=spread if math.isfinite(spread) and spread > 0 else 1.0,
+    )
+
+
+def fit_head(
+    x_train: npt.NDArray[np.float32],
+    sample_shape: tuple[int, ...],
+    value_range: tuple[float, float] | None,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+    desc: str = "transformation head",
+) -> TransformHead:
+    """Train a head to tell which of its K transformations was applied to each training image
+    (cross-entropy over every (image, transformation) pair, Adam; a fixed schedule: nothing of
+    the validation images is used)."""
+    n = int(x_train.shape[0])
+    if n < 1:
+        raise ConfigError("the transformation head needs at least one training image")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = TransformHead(head_config(x_train, sample_shape, value_range)).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(x_train, np.float32).reshape(n, -1)).to(device)
+    kk = head.config.n_transforms
+    pairs = n * kk
+    per_epoch = math.ceil(pairs / HEAD_BATCH)
+    epochs = min(HEAD_MAX_EPOCHS, max(HEAD_EPOCHS, math.ceil(HEAD_MIN_STEPS / per_epoch)))
+    opt = torch.optim.Adam(head.parameters(), lr=HEAD_LR)
+    head.train()
+    bar = tqdm(
+        total=epochs * per_epoch,
+        desc=desc,
+        unit="step",
+        leave=False,
+        disable=None if progress is None else not progress,
+    )
+    with bar:
+        for _ in range(epochs):
+            order = torch.randperm(pairs, generator=gen).to(device)
+            for start in range(0, pairs, HEAD_BATCH):
+                pick = order[start : start + HEAD_BATCH]
+                k = pick // n
+                logits = head(head.transformed(x[pick % n], k))
+                loss = F.cross_entropy(logits, k)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update()
+    return head.eval()
+
+
+def fit_transformation_weight(
+    score: npt.ArrayLike, transformation: npt.ArrayLike, share: float
+) -> float:
+    """The weight of log(1 + transformation) in the score: on the validation normals its spread
+    (standard deviation) becomes ``share`` times the rest of the score's. Standard deviations, not
+    robust spreads: the head is sure of most normal images (a surprise near 0) and the tail is
+    what carries its evidence (docs/experiments.md, "Eighth session")."""
+    if not (math.isfinite(share) and share >= 0):
+        raise ConfigError(f"transformation share must be a finite number >= 0, got {share}")
+    if share == 0:
+        return 0.0
+    s = np.asarray(score, np.float64)
+    t = np.log1p(np.asarray(transformation, np.float64))
+    spread_s, spread_t = float(np.std(s)), float(np.std(t))
+    if not (math.isfinite(spread_s) and math.isfinite(spread_t)) or spread_t <= 0 or spread_s <= 0:
+        return 0.0  # a constant part carries no evidence
+    return share * spread_s / spread_t
+
+
+def head_setup(
+    model: VAE,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    input_spec: InputSpec,
+    share: float,
+    *,
+    config: ScoreConfig,
+    reference: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool | None = None,
+    desc: str = "transformation head",
+) -> tuple[TransformHead | None, float]:
+    """The head trained on ``x_train`` and its weight fitted on ``x_val`` against the rest of
+    the score (``config``: the likelihood, complexity and neighbour terms); (None, 0.0) when
+    ``share`` is 0."""
+    if share == 0:
+        return None, 0.0
+    head = fit_head(
+        x_train,
+        input_spec.shape,
+        input_spec.value_range,
+        seed=seed,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
+    rest = config.replace(transformation_weight=0.0)
+    parts = Detector(
+        model, None, input_spec, device=device, reference=reference, head=head
+    ).score_parts(x_val, config=rest)
+    return head, fit_transformation_weight(parts["score"], parts["transformation"], share)
+
+
+__all__ = ["fit_head", "fit_transformation_weight", "head_config", "head_setup"]
