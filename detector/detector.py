@@ -357,8 +357,7 @@ class Detector:
         if config.transformation_weight:
             if self.head is None:
                 raise ConfigError("the transformation term needs the head; this detector has none")
-            w = config.transformation_weight
-            parts["score"] = parts["score"] + w * np.log1p(parts["transformation"])
+            parts["score"] = parts["score"] + config.transformation_term(parts["transformation"])
         return parts
 
     @torch.inference_mode()

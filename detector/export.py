@@ -70,11 +70,13 @@ class ScoringGraph(torch.nn.Module):
         latent_output: bool = False,
         head: TransformHead | None = None,
         transformation_weight: float = 0.0,
+        transformation_offset: float = 1.0,
     ) -> None:
         super().__init__()
         self.elbo = ELBOGraph(model)
         self.head = head
         self.transformation_weight = float(transformation_weight)
+        self.transformation_offset = float(transformation_offset)
         self.latent_output = latent_output  # the runtime scorer's graph: E[z|x] out, no search
         self.has_reference = search is not None and not latent_output
         # the input space's rows are stored divided by each feature's spread (detector.neighbours)
@@ -105,7 +107,8 @@ class ScoringGraph(torch.nn.Module):
             elbo = self.reconstruction_weight * reconstruction + kl
         score = elbo + self.weight * neighbour
         if self.transformation_weight:
-            score = score + self.transformation_weight * torch.log1p(surprise)
+            offset = self.transformation_offset
+            score = score + self.transformation_weight * torch.log(surprise + offset)
         return score, reconstruction, kl, neighbour, surprise
 
 
@@ -131,6 +134,7 @@ def scoring_graph(det: Detector, *, latent_output: bool = False) -> ScoringGraph
         latent_output=latent_output,
         head=det.head,
         transformation_weight=cfg.transformation_weight,
+        transformation_offset=cfg.transformation_offset,
     )
     return graph.to(det.device).eval()
 

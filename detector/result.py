@@ -21,8 +21,8 @@ class DetectionResult:
     ``score``: -ELBO in nats, minus ``complexity_weight * min(complexity, cap)`` when the
     input-complexity correction is on (``complexity`` is 0 when it is off), plus
     ``neighbour_weight * neighbour`` (the distance to the training rows; 0 when off), plus
-    ``transformation_weight * log(1 + transformation)`` (the transformation head's surprise,
-    images; 0 without a head); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
+    ``transformation_weight * log(transformation + transformation_offset)`` (the transformation
+    head's surprise, images; 0 without a head); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
     score > threshold.
     """
 

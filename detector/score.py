@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from detector.complexity import (
@@ -65,7 +67,8 @@ class ScoreConfig:
             + neighbour_weight * (distance from E[z|x], or from the standardised input when
               neighbour_space is "input", to its neighbour_k-th nearest training row)
                                                                  (detector.neighbours)
-            + transformation_weight * log(1 + transformation)    (detector.transforms)
+            + transformation_weight * log(transformation + transformation_offset)
+                                                                 (detector.transforms)
 
     The calibration saves it with flat keys (``score_kind``, ``complexity_codec``, ...), which
     older artifacts also have; keys an older artifact lacks get the value it was scored with.
@@ -89,9 +92,12 @@ class ScoreConfig:
     neighbour_k: int = DEFAULT_K
     # where the neighbour distance is measured (detector.neighbours): "latent" or "input"
     neighbour_space: str = "latent"
-    # the transformation head's surprise (images): its weight is fitted on the validation normals
-    # so that log(1 + transformation) spreads over a set share of the rest of the score's spread
+    # the transformation head's surprise (images), taken as log(transformation + offset): the
+    # offset is the validation normals' 75 % quantile of it, so the log is in the normal data's
+    # own scale (surprises well below the normal level count little), and the weight is fitted
+    # so that the term's spread is a set share of the rest of the score's
     transformation_weight: float = 0.0
+    transformation_offset: float = 1.0
 
     def __post_init__(self) -> None:
         validate_score_kind(self.kind, self.samples)
@@ -122,6 +128,9 @@ class ScoreConfig:
         tw = self.transformation_weight
         if not (math.isfinite(tw) and tw >= 0):
             raise ConfigError(f"transformation weight must be a finite number >= 0, got {tw}")
+        to = self.transformation_offset
+        if not (math.isfinite(to) and to > 0):
+            raise ConfigError(f"transformation offset must be a finite number > 0, got {to}")
 
     def replace(self, **changes: Any) -> ScoreConfig:
         return replace(self, **changes)
@@ -143,6 +152,7 @@ class ScoreConfig:
             "neighbour_k": self.neighbour_k,
             "neighbour_space": self.neighbour_space,
             "transformation_weight": self.transformation_weight,
+            "transformation_offset": self.transformation_offset,
         }
 
     @classmethod
@@ -168,7 +178,16 @@ class ScoreConfig:
             neighbour_space=str(d.get("neighbour_space", "latent")),
             # absent before the transformation head existed: no such term
             transformation_weight=float(d.get("transformation_weight", 0.0)),
+            transformation_offset=float(d.get("transformation_offset", 1.0)),
         )
+
+    def transformation_term(
+        self, transformation: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """The transformation head's term of the score (0 where the weight is 0)."""
+        if not self.transformation_weight:
+            return np.zeros_like(transformation)
+        return self.transformation_weight * np.log(transformation + self.transformation_offset)
 
     def definition(self) -> str:
         """The score's definition in words, for responses and ``info``."""
@@ -186,7 +205,8 @@ class ScoreConfig:
         )
         if self.transformation_weight:
             near += (
-                f" + {self.transformation_weight:.4g} * log(1 + transformation), where "
+                f" + {self.transformation_weight:.4g} * log(transformation + "
+                f"{self.transformation_offset:.4g}), where "
                 "transformation = -sum_k log p(k | T_k x), the surprise of a classifier trained "
                 "to tell rotations and shifts T_k of the normal images apart"
             )

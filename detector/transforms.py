@@ -9,11 +9,13 @@ sits beside the VAE, whose likelihood it complements (docs/experiments.md, "Eigh
 
     transformation(x) = - sum_k log p(k | T_k x)       in nats, over the K transformations
 
-Every transformation is a permutation of the pixels (a rotation by a multiple of 90 degrees, a
-cyclic shift), so ``T_k x = x[perm_k]`` and the first layer applied to all K transformed copies is
-one matrix product with the weight's columns permuted: the K copies are never materialised. The
-permutations follow from the image shape and the transformation set's name; the artifact stores
-only the two layers (``head.safetensors``) and this config.
+The head sees the image average-pooled by ``pool`` (28 x 28 pixels as 14 x 14: the shape, not
+the stroke, is what tells a rotation; a quarter of the cost). Every transformation is a
+permutation of those pixels (a rotation by a multiple of 90 degrees, a cyclic shift), so ``T_k x
+= x[perm_k]`` and the first layer applied to all K transformed copies is one matrix product with
+the weight's columns permuted: the K copies are never materialised. The permutations follow from
+the shape and the transformation set's name; the artifact stores only the two layers
+(``head.safetensors``) and this config.
 """
 
 from __future__ import annotations
@@ -28,25 +30,28 @@ from torch.nn import functional as F
 
 from detector.errors import ConfigError
 
-# rotations by 0/90/180/270 degrees, each unshifted and cyclically shifted by a seventh of the
-# side left, right, up and down (4 pixels of 28): 20 transformations
-ROTATE_SHIFT = "rotate4-shift4"
+# rotations by 0/90/180/270 degrees, each as it is and cyclically shifted sideways by a seventh
+# of the side both ways (4 pixels of 28): 12 transformations
+ROTATE_SHIFT = "rotate4-shift3"
 TRANSFORM_SETS: tuple[str, ...] = (ROTATE_SHIFT,)
-DEFAULT_WIDTH = 128
+DEFAULT_WIDTH = 64
+POOL_TO = 32  # images wider than 2 x POOL_TO are pooled to POOL_TO-63 pixels across
 MAX_TRANSFORMS = 64
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     """The head's network: ``input_shape`` (H, W) or (C, H, W) square images, the
-    transformation set's name, the hidden layer's width, and the input map ``(x - offset) /
-    scale`` (the image's value range onto [0, 1], or the training pixels' mean and spread)."""
+    transformation set's name, the hidden layer's width, the input map ``(x - offset) /
+    scale`` (the image's value range onto [0, 1], or the training pixels' mean and spread), and
+    the average pooling ``pool`` the head sees the image through."""
 
     input_shape: tuple[int, ...]
     transforms: str = ROTATE_SHIFT
     width: int = DEFAULT_WIDTH
     offset: float = 0.0
     scale: float = 1.0
+    pool: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -57,6 +62,11 @@ class HeadConfig:
             )
         if not 1 <= self.width <= 4096:
             raise ConfigError(f"head width must be 1-4096, got {self.width}")
+        if not 1 <= self.pool <= self.input_shape[-1] // 8:
+            raise ConfigError(
+                f"head pooling must leave a side of at least 8 pixels, got {self.pool} for "
+                f"{self.input_shape[-1]}"
+            )
         if not (math.isfinite(self.offset) and math.isfinite(self.scale) and self.scale > 0):
             raise ConfigError(
                 f"head input map needs a finite offset and a scale > 0, got {self.offset}, "
@@ -65,11 +75,23 @@ class HeadConfig:
 
     @property
     def n_features(self) -> int:
+        """The image's values, as the detector validates them."""
         return math.prod(self.input_shape)
 
     @property
+    def grid(self) -> tuple[int, int, int]:
+        """(C, H, W) of the pooled image the head sees."""
+        c = self.input_shape[0] if len(self.input_shape) == 3 else 1
+        side = self.input_shape[-1] // self.pool
+        return c, side, side
+
+    @property
+    def n_inputs(self) -> int:
+        return math.prod(self.grid)
+
+    @property
     def n_transforms(self) -> int:
-        return len(_moves(self.transforms, self.input_shape[-1]))
+        return len(_moves(self.transforms, self.grid[-1]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +100,7 @@ class HeadConfig:
             "width": self.width,
             "offset": self.offset,
             "scale": self.scale,
+            "pool": self.pool,
         }
 
     @classmethod
@@ -91,13 +114,22 @@ class HeadConfig:
             raise ValueError("head width must be an integer and transforms a name")
         if not all(type(d[k]) in (int, float) for k in ("offset", "scale")):
             raise ValueError("head offset and scale must be numbers")
+        if type(d["pool"]) is not int:
+            raise ValueError("head pool must be an integer")
         try:
-            return cls(tuple(shape), d["transforms"], d["width"], d["offset"], d["scale"])
+            return cls(
+                tuple(shape), d["transforms"], d["width"], d["offset"], d["scale"], d["pool"]
+            )
         except ConfigError as e:
             raise ValueError(str(e)) from e
 
 
-_KEYS = ("input_shape", "transforms", "width", "offset", "scale")
+_KEYS = ("input_shape", "transforms", "width", "offset", "scale", "pool")
+
+
+def default_pool(side: int) -> int:
+    """The largest pooling that leaves the image at least ``POOL_TO`` pixels across."""
+    return max(1, side // POOL_TO)
 
 
 def supports(sample_shape: tuple[int, ...]) -> bool:
@@ -121,26 +153,25 @@ def check_image_shape(shape: tuple[int, ...]) -> None:
         )
 
 
-def _moves(name: str, side: int) -> list[tuple[int, int, int]]:
-    """(quarter turns, shift along H, shift along W) per transformation."""
+def _moves(name: str, side: int) -> list[tuple[int, int]]:
+    """(quarter turns, sideways shift) per transformation of the ``side``-wide pooled image."""
     d = max(1, round(side / 7))
-    shifts = [(0, 0), (0, -d), (0, d), (-d, 0), (d, 0)]
-    return [(k, dh, dw) for dh, dw in shifts for k in range(4)]
+    return [(k, dw) for dw in (0, -d, d) for k in range(4)]
 
 
 def permutations(config: HeadConfig) -> torch.Tensor:
-    """(K, n_features) int64: row k is the flat pixel index each position of T_k x comes from."""
-    shape = config.input_shape
-    index = torch.arange(config.n_features).reshape(shape)
+    """(K, n_inputs) int64: row k is the flat index (in the pooled image) each position of T_k x
+    comes from."""
+    shape = config.grid
+    index = torch.arange(config.n_inputs).reshape(shape)
     rows = []
-    for k, dh, dw in _moves(config.transforms, shape[-1]):
-        t = torch.rot90(index, k, (-2, -1))
-        rows.append(torch.roll(t, (dh, dw), (-2, -1)).reshape(-1))
+    for k, dw in _moves(config.transforms, shape[-1]):
+        rows.append(torch.roll(torch.rot90(index, k, (-2, -1)), dw, -1).reshape(-1))
     return torch.stack(rows)
 
 
 class TransformHead(nn.Module):
-    """Flattened image -> hidden (SiLU) -> one logit per transformation."""
+    """Pooled, flattened image -> hidden (SiLU) -> one logit per transformation."""
 
     perms: torch.Tensor
     inverse: torch.Tensor
@@ -153,31 +184,51 @@ class TransformHead(nn.Module):
             raise ConfigError(
                 f"at most {MAX_TRANSFORMS} transformations, got {config.n_transforms}"
             )
-        self.hidden = nn.Linear(config.n_features, config.width)
+        self.hidden = nn.Linear(config.n_inputs, config.width)
         self.out = nn.Linear(config.width, config.n_transforms)
         perms = permutations(config)
         self.register_buffer("perms", perms, persistent=False)
         self.register_buffer("inverse", torch.argsort(perms, dim=1), persistent=False)
         self.register_buffer("eye", torch.eye(config.n_transforms), persistent=False)
+        self._stacked: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, K) for already-transformed flat images (N, n_features): training."""
-        return self.out(F.silu(self.hidden(self.normalise(x))))
+        """Logits (N, K) for already-transformed inputs (N, n_inputs): training."""
+        return self.out(F.silu(self.hidden(x)))
 
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.config.offset) / self.config.scale
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, ...) as the head sees them: (N, n_inputs), pooled and normalised."""
+        c, h, w = self.config.grid
+        side = self.config.input_shape[-1]
+        x = x.reshape(x.shape[0], c, side, side)
+        if self.config.pool > 1:
+            x = F.avg_pool2d(x, self.config.pool)
+        return (x.reshape(x.shape[0], c * h * w) - self.config.offset) / self.config.scale
+
+    def stacked_weight(self) -> torch.Tensor:
+        """(K * width, n_inputs): x[perm_k] @ W.T == x @ W[:, inverse_k].T, so all K transformed
+        copies go through the first layer in one product. Kept between calls while the weight
+        is unchanged and nothing is being trained (scoring)."""
+        w = self.hidden.weight
+        key = (w.data_ptr(), w._version)
+        if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
+            return self._stacked[1]
+        kk, width = self.config.n_transforms, self.config.width
+        stacked = w[:, self.inverse].permute(1, 0, 2).reshape(kk * width, -1)
+        if not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            self._stacked = (key, stacked)
+        return stacked
 
     def transformed(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Row i of ``x`` (N, n_features) under transformation ``k[i]``."""
+        """Row i of the head's inputs ``x`` (N, n_inputs) under transformation ``k[i]``."""
         return torch.gather(x, 1, self.perms[k])
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) images -> (N,) the summed surprise -sum_k log p(k | T_k x), in nats."""
-        flat = self.normalise(x.reshape(x.shape[0], -1))
+        flat = self.inputs(x)
         kk, width = self.config.n_transforms, self.config.width
-        # x[perm_k] @ W.T == x @ W[:, inverse_k].T: all K transformed copies in one product
-        weight = self.hidden.weight[:, self.inverse].permute(1, 0, 2).reshape(kk * width, -1)
-        h = F.silu(flat @ weight.T + self.hidden.bias.repeat(kk)).reshape(-1, kk, width)
+        h = F.silu(flat @ self.stacked_weight().T + self.hidden.bias.repeat(kk))
+        h = h.reshape(-1, kk, width)
         logp = F.log_softmax(self.out(h), dim=-1)  # (N, K transformed copies, K classes)
         return -(logp * self.eye).sum((1, 2))  # the diagonal: copy k's log p(k)
 
@@ -188,6 +239,7 @@ __all__ = [
     "TRANSFORM_SETS",
     "HeadConfig",
     "TransformHead",
+    "default_pool",
     "permutations",
     "supports",
 ]

@@ -121,7 +121,7 @@ def cross_fit_calibration(
             seed=train.seed,
         )
         config = likelihood.replace(neighbour_weight=weight)
-        head, head_weight = head_setup(
+        head, head_weight, head_offset = head_setup(
             fold.model,
             pool[tr],
             pool[val],
@@ -136,7 +136,12 @@ def cross_fit_calibration(
         )
         scores[held] = Detector(
             fold.model, None, spec, device=device, reference=reference, head=head
-        ).score_parts(pool[held], config=config.replace(transformation_weight=head_weight))["score"]
+        ).score_parts(
+            pool[held],
+            config=config.replace(
+                transformation_weight=head_weight, transformation_offset=head_offset
+            ),
+        )["score"]
     return Calibration.fit(
         scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
     )

@@ -16,13 +16,15 @@ from detector.errors import ConfigError
 from detector.model import VAE
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
-from detector.transforms import HeadConfig, TransformHead
+from detector.transforms import HeadConfig, TransformHead, default_pool
 
 HEAD_EPOCHS = 8  # passes over the N x K (image, transformation) pairs
 HEAD_MIN_STEPS = 1000  # small data sets get more passes, so that the head learns at all
 HEAD_MAX_EPOCHS = 200
 HEAD_BATCH = 256
 HEAD_LR = 1e-3
+OFFSET_QUANTILE = 0.75  # of the validation normals' surprise (fit_transformation_term)
+MIN_OFFSET = 1e-6  # nats: a head sure of every validation image still gets a finite log
 
 
 def head_config(
@@ -31,15 +33,18 @@ def head_config(
     value_range: tuple[float, float] | None,
 ) -> HeadConfig:
     """The head for these images: their value range onto [0, 1], or without a known range, the
-    training pixels standardised by their mean and spread."""
+    training pixels standardised by their mean and spread; pooled to ``POOL_TO`` pixels across
+    or a little more."""
+    pool = default_pool(sample_shape[-1])
     if value_range is not None:
         lo, hi = value_range
-        return HeadConfig(tuple(sample_shape), offset=float(lo), scale=float(hi - lo))
+        return HeadConfig(tuple(sample_shape), offset=float(lo), scale=float(hi - lo), pool=pool)
     spread = float(np.std(x_train))
     return HeadConfig(
         tuple(sample_shape),
         offset=float(np.mean(x_train)),
         scale=spread if math.isfinite(spread) and spread > 0 else 1.0,
+        pool=pool,
     )
 
 
@@ -62,7 +67,8 @@ def fit_head(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = TransformHead(head_config(x_train, sample_shape, value_range)).to(device)
-    x = torch.from_numpy(np.ascontiguousarray(x_train, np.float32).reshape(n, -1)).to(device)
+    with torch.no_grad():
+        x = head.inputs(torch.from_numpy(np.ascontiguousarray(x_train, np.float32)).to(device))
     kk = head.config.n_transforms
     pairs = n * kk
     per_epoch = math.ceil(pairs / HEAD_BATCH)
@@ -91,23 +97,27 @@ def fit_head(
     return head.eval()
 
 
-def fit_transformation_weight(
+def fit_transformation_term(
     score: npt.ArrayLike, transformation: npt.ArrayLike, share: float
-) -> float:
-    """The weight of log(1 + transformation) in the score: on the validation normals its spread
-    (standard deviation) becomes ``share`` times the rest of the score's. Standard deviations, not
-    robust spreads: the head is sure of most normal images (a surprise near 0) and the tail is
-    what carries its evidence (docs/experiments.md, "Eighth session")."""
+) -> tuple[float, float]:
+    """The weight and offset of log(transformation + offset) in the score, from the validation
+    normals: the offset is their ``OFFSET_QUANTILE`` quantile of the surprise (the log in the
+    normal data's own scale), and the weight makes the term's spread (standard deviation)
+    ``share`` times the rest of the score's. Standard deviations, not robust spreads: the head is
+    sure of most normal images (a surprise near 0) and its tail is what carries its evidence
+    (docs/experiments.md, "Eighth session"). (0, 1) when ``share`` is 0 or the surprise is
+    constant."""
     if not (math.isfinite(share) and share >= 0):
         raise ConfigError(f"transformation share must be a finite number >= 0, got {share}")
-    if share == 0:
-        return 0.0
     s = np.asarray(score, np.float64)
-    t = np.log1p(np.asarray(transformation, np.float64))
-    spread_s, spread_t = float(np.std(s)), float(np.std(t))
+    t = np.asarray(transformation, np.float64)
+    if share == 0 or t.size == 0:
+        return 0.0, 1.0
+    offset = max(float(np.quantile(t, OFFSET_QUANTILE)), MIN_OFFSET)
+    spread_s, spread_t = float(np.std(s)), float(np.std(np.log(t + offset)))
     if not (math.isfinite(spread_s) and math.isfinite(spread_t)) or spread_t <= 0 or spread_s <= 0:
-        return 0.0  # a constant part carries no evidence
-    return share * spread_s / spread_t
+        return 0.0, 1.0  # a constant part carries no evidence
+    return share * spread_s / spread_t, offset
 
 
 def head_setup(
@@ -123,12 +133,12 @@ def head_setup(
     seed: int = 0,
     progress: bool | None = None,
     desc: str = "transformation head",
-) -> tuple[TransformHead | None, float]:
-    """The head trained on ``x_train`` and its weight fitted on ``x_val`` against the rest of
-    the score (``config``: the likelihood, complexity and neighbour terms); (None, 0.0) when
-    ``share`` is 0."""
+) -> tuple[TransformHead | None, float, float]:
+    """The head trained on ``x_train``, and its term's weight and offset fitted on ``x_val``
+    against the rest of the score (``config``: the likelihood, complexity and neighbour terms);
+    (None, 0.0, 1.0) when ``share`` is 0."""
     if share == 0:
-        return None, 0.0
+        return None, 0.0, 1.0
     head = fit_head(
         x_train,
         input_spec.shape,
@@ -142,7 +152,7 @@ def head_setup(
     parts = Detector(
         model, None, input_spec, device=device, reference=reference, head=head
     ).score_parts(x_val, config=rest)
-    return head, fit_transformation_weight(parts["score"], parts["transformation"], share)
+    return head, *fit_transformation_term(parts["score"], parts["transformation"], share)
 
 
-__all__ = ["fit_head", "fit_transformation_weight", "head_config", "head_setup"]
+__all__ = ["fit_head", "fit_transformation_term", "head_config", "head_setup"]

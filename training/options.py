@@ -22,7 +22,7 @@ from training.data import TableOptions
 
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
 # the transformation head's share of an image score's spread (CalibrationOptions)
-IMAGE_TRANSFORMATION_SHARE = 0.5
+IMAGE_TRANSFORMATION_SHARE = 0.4
 
 
 @dataclass(frozen=True)

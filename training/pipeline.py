@@ -236,7 +236,7 @@ def train_detector(
         seed=train.seed,
     )
     head_start = time.perf_counter()
-    head, head_weight = head_setup(
+    head, head_weight, head_offset = head_setup(
         result.model,
         split.x_train,
         split.x_val,
@@ -249,7 +249,11 @@ def train_detector(
         progress=progress,
     )
     head_seconds = time.perf_counter() - head_start
-    final = likelihood.replace(neighbour_weight=weight, transformation_weight=head_weight)
+    final = likelihood.replace(
+        neighbour_weight=weight,
+        transformation_weight=head_weight,
+        transformation_offset=head_offset,
+    )
     if method == "cross-fit":
         cal = cross_fit_calibration(
             split,

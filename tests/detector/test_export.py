@@ -41,7 +41,7 @@ def _run_file(path: Path, x: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[n
 def _check_file_parity(det: Detector, path: Path, x: npt.NDArray[np.float32]) -> None:
     parts = det.score_parts(x)
     out = _run_file(path, x.reshape(len(x), *det.model.config.input_shape))
-    for name in ("reconstruction", "kl", "neighbour"):
+    for name in ("reconstruction", "kl", "neighbour", "transformation"):
         _close(out[name], parts[name])
     cfg = det.score_config
     if cfg.complexity_weight:
@@ -86,13 +86,14 @@ def test_onnx_runtime_scores_images_like_the_detector(
     det = Detector.load(tmp_path / "model")
     assert det.score_config.complexity_weight > 0  # digits have a value range: the credit is on
     assert det.score_config.neighbour_weight > 0
+    assert det.head is not None and det.score_config.transformation_weight > 0  # square images
     export_onnx(det, tmp_path / "model.onnx")
     x = digits.x_test[:300]  # every digit: normal and anomalous rows
     _check_file_parity(det, tmp_path / "model.onnx", x)
 
     fast = Detector.load(tmp_path / "model", runtime="onnxruntime")
     a, b = det.score(x), fast.score(x)
-    for name in ("score", "reconstruction", "kl", "complexity", "neighbour"):
+    for name in ("score", "reconstruction", "kl", "complexity", "neighbour", "transformation"):
         _close(getattr(b, name), getattr(a, name))
     far = np.abs(a.score - a.threshold) > 1e-3 * np.abs(a.threshold)
     assert (a.is_anomaly == b.is_anomaly)[far].all()

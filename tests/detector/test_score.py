@@ -33,7 +33,7 @@ def test_parts_sum_to_score(trained: TrainOutcome, digits: Dataset) -> None:
         - np.minimum(parts["complexity"], cal.complexity_cap)
         + np.maximum(0.0, cal.complexity_floor - parts["complexity"])
         + cal.neighbour_weight * parts["neighbour"]
-        + cal.transformation_weight * np.log1p(parts["transformation"]),
+        + cal.transformation_weight * np.log(parts["transformation"] + cal.transformation_offset),
         parts["score"],
         rtol=1e-6,
         atol=1e-3,  # the parts are summed in float32 inside the model

@@ -147,6 +147,7 @@ def test_a_calibration_written_before_the_score_config_reads_and_writes_the_same
     assert written.pop("neighbour_space") == "latent"  # added since, absent = the latent space
     assert written.pop("reconstruction_weight") == 1.0  # added since, absent = the -ELBO
     assert written.pop("transformation_weight") == 0.0  # added since, absent = no head
+    assert written.pop("transformation_offset") == 1.0
     assert written == saved
 
 

@@ -258,9 +258,7 @@ def vae_method(model: ModelOptions, train: TrainConfig, calibration: Calibration
         cal = np.asarray(outcome.detector.calibration.scores)  # held-out or out-of-fold scores
         assert split.y_test is not None
         plain = parts["reconstruction"] + parts["kl"]  # the -ELBO alone, without the correction
-        head_term = outcome.detector.score_config.transformation_weight * np.log1p(
-            parts["transformation"]
-        )
+        head_term = outcome.detector.score_config.transformation_term(parts["transformation"])
         head_seconds = float(outcome.metrics.get("head_seconds", 0.0))
         extra = {
             "auroc_plain_elbo": detection_metrics(plain, split.y_test)["auroc"],

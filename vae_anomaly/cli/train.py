@@ -169,7 +169,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         help="weight of the transformation head (a small classifier trained to tell rotations "
         "and shifts of the normal images apart; its surprise on an image is evidence): the "
         "spread of its term on the validation images as a share of the rest of the score's; "
-        "auto: 0.5 for square images, 0 (no head) for tables and other shapes",
+        "auto: 0.4 for square images, 0 (no head) for tables and other shapes",
     )
     g.add_argument(
         "--neighbour-space",
