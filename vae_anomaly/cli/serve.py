@@ -109,8 +109,8 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "export",
         help="write an artifact's scoring graph as ONNX, for other runtimes",
         description="Write the network's scoring graph as one ONNX file (opset 18): input "
-        "'input' shaped (N, *input shape), float32; outputs 'reconstruction', 'kl', 'neighbour' "
-        "and 'score' (higher = more anomalous) in nats, equal to vae-anomaly's to float32 "
+        "'input' shaped (N, *input shape), float32; outputs 'reconstruction', 'kl', 'neighbour', "
+        "'transformation' and 'score' (higher = more anomalous) in nats, equal to vae-anomaly's to float32 "
         "precision. An image model's complexity credit (a DEFLATE code length) is not an ONNX "
         "operator: its file has 'score_before_complexity' instead of 'score', and its metadata "
         "(vae_anomaly.score_completion) says how to finish the score. The metadata also holds "
@@ -209,8 +209,8 @@ def run_export(args: argparse.Namespace) -> int:
     size = export_onnx(det, out)
     echo(f"wrote {out} ({size / 1e6:.1f} MB, model {det.model_version})")
     echo(
-        f"outputs: {score_output_name(det)}, reconstruction, kl, neighbour (nats, higher = more "
-        "anomalous)"
+        f"outputs: {score_output_name(det)}, reconstruction, kl, neighbour, transformation (nats, "
+        "higher = more anomalous)"
     )
     if det.score_config.complexity_weight:
         echo(
