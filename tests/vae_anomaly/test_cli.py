@@ -180,6 +180,8 @@ def test_train_score_options_reach_the_artifact(
         "cross-fit",
         "--reconstruction-weight",
         "0.5",
+        "--transformation-share",
+        "0.2",
         "--out",
         str(model),
     )
@@ -190,13 +192,18 @@ def test_train_score_options_reach_the_artifact(
     assert cal["reconstruction_weight"] == 0.5  # images default to 1; asked for, it is kept
     assert cal["neighbour_weight"] == 0.0 and cal["n_reference"] == 0
     assert not (model / "reference.safetensors").exists()
+    # the transformation head at the share asked for: its weight and offset fitted, its layers saved
+    assert cal["transformation_weight"] > 0 and cal["transformation_offset"] > 0
+    assert (model / "head.safetensors").exists()
     res = Detector.load(model).score(np.zeros((2, 1, 8, 8), np.float32))
-    assert (res.neighbour == 0).all()
+    assert (res.neighbour == 0).all() and (res.transformation > 0).all()
     for flag, value in (
         ("--neighbour-share", "-1"),
         ("--complexity-cap", "1.5"),
         ("--reconstruction-weight", "0"),
         ("--reconstruction-weight", "nan"),
+        ("--transformation-share", "-0.5"),
+        ("--transformation-share", "inf"),
     ):
         code, _, err = _run(capsys, *TRAIN_FAST, flag, value, "--out", str(tmp_path / "x"))
         assert code == 2 and f"argument {flag}" in err

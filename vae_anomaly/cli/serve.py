@@ -171,6 +171,13 @@ def run_info(args: argparse.Namespace) -> int:
             f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood",
         ),
         ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
+        (
+            "head",
+            "none"
+            if (h := d["transformation_head"]) is None
+            else f"transformation head: {h['transforms']} ({det.head.config.n_transforms} "  # type: ignore[union-attr]
+            f"transformations), width {h['width']}, pooling {h['pool']}",
+        ),
         ("score", f"{d['score_kind']}: {d['score_definition']}"),
         (
             "threshold",
