@@ -239,6 +239,11 @@ def run_train(args: argparse.Namespace) -> int:
         f"{len(m['history'])}{' (early stop)' if m['stopped_early'] else ''}, "
         f"validation -ELBO {m['best_val_loss']:.2f} nats"
     )
+    if det.head is not None:
+        echo(
+            f"transformation head ({det.head.config.n_transforms} rotations and shifts) trained "
+            f"in {m['head_seconds']:.1f}s"
+        )
     schema = det.input_spec.schema
     if schema is not None:
         echo(f"table: {schema.kinds_summary()}")
