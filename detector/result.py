@@ -22,8 +22,8 @@ class DetectionResult:
     input-complexity correction is on (``complexity`` is 0 when it is off), plus
     ``neighbour_weight * neighbour`` (the distance to the training rows; 0 when off), plus
     ``transformation_weight * log(transformation + transformation_offset)`` (the transformation
-    head's surprise, images; 0 without a head); higher = more anomalous. ``p_value``: conformal p-value, small = anomalous. ``is_anomaly``:
-    score > threshold.
+    head's surprise, images; 0 without a head); higher = more anomalous. ``p_value``: conformal
+    p-value, small = anomalous. ``is_anomaly``: score > threshold.
     """
 
     score: npt.NDArray[np.float64]

@@ -9,9 +9,9 @@ sits beside the VAE, whose likelihood it complements (docs/experiments.md, "Eigh
 
     transformation(x) = - sum_k log p(k | T_k x)       in nats, over the K transformations
 
-The head sees the image average-pooled by ``pool`` (28 x 28 pixels as 14 x 14: the shape, not
-the stroke, is what tells a rotation; a quarter of the cost). Every transformation is a
-permutation of those pixels (a rotation by a multiple of 90 degrees, a cyclic shift), so ``T_k x
+The head sees the image as it is up to 63 pixels across, and average-pooled by ``pool`` beyond
+(to 32-63 pixels: a large image costs what a small one does; pooling a 28 x 28 image would lose
+Fashion-MNIST's detail). Every transformation is a permutation of those pixels (a rotation by a multiple of 90 degrees, a cyclic shift), so ``T_k x
 = x[perm_k]`` and the first layer applied to all K transformed copies is one matrix product with
 the weight's columns permuted: the K copies are never materialised. The permutations follow from
 the shape and the transformation set's name; the artifact stores only the two layers

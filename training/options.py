@@ -103,7 +103,7 @@ class CalibrationOptions:
     # What the reconstruction counts for against the KL term (1 = the -ELBO). None = auto:
     # TABLE_RECONSTRUCTION_WEIGHT for tables (1-D samples) scored by the ELBO, else 1.
     reconstruction_weight: float | None = None
-    # The transformation head (detector.transforms): the spread of log(1 + its surprise) on the
+    # The transformation head (detector.transforms): the spread of log(its surprise + offset) on the
     # validation normals as a share of the rest of the score's; 0 = no head. None = auto:
     # IMAGE_TRANSFORMATION_SHARE for square images, 0 for tables and other shapes
     # (docs/experiments.md, "Eighth session").
