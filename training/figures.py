@@ -252,11 +252,16 @@ def gallery(ctx: FigureContext, order: npt.NDArray[np.integer[Any]], title: str)
             truth += "\n"
         complexity = ctx.result.complexity[i]
         near = ctx.result.neighbour[i]
+        surprise = ctx.result.transformation[i]
         axes[0, j].set_title(
             f"{truth}score {ctx.result.score[i]:.1f}\nrec {ctx.result.reconstruction[i]:.1f}"
             f" · KL {ctx.result.kl[i]:.1f}"
             + (f"\ncomplexity {complexity:.1f}" if complexity else "")
-            + (f" · nbr {near:.2f}" if near else ""),
+            + ("\n" if near or surprise else "")
+            + " · ".join(
+                ([f"nbr {near:.2f}"] if near else [])
+                + ([f"transf. {surprise:.2f}"] if surprise else [])
+            ),
             fontsize=7,
         )
     for r, name in enumerate(("input", "reconstruction", "squared error")):
