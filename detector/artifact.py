@@ -227,8 +227,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ar
         state = load_file(str(root / WEIGHTS), device="cpu")
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactIntegrityError(f"{root / WEIGHTS} cannot be loaded: {first}") from e
+        raise _unreadable(root / WEIGHTS, e) from e
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ArtifactIntegrityError(f"{root / WEIGHTS}: {bad[0]} holds NaN or infinity")
@@ -287,8 +286,7 @@ def _check_weight_shapes(path: Path, config: VAEConfig) -> None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             found = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+        raise _unreadable(path, e) from e
     if found != expected:
         diff = sorted(set(found) ^ set(expected)) or [
             k for k in expected if found[k] != expected[k]
@@ -298,6 +296,12 @@ def _check_weight_shapes(path: Path, config: VAEConfig) -> None:
             f"{path} does not fit the model config: tensor {k!r} is "
             f"{found.get(k, 'missing')}, the config needs {expected.get(k, 'none')}"
         )
+
+
+def _unreadable(path: Path, e: Exception) -> ArtifactIntegrityError:
+    """The error for a file the safetensors reader refuses: its message's first line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ArtifactIntegrityError(f"{path} cannot be loaded: {first}")
 
 
 def _load_head(
@@ -343,8 +347,7 @@ def _read_tensors(path: Path, expected: dict[str, list[int]]) -> dict[str, torch
                 )
             state = {k: f.get_tensor(k) for k in expected}
     except (SafetensorError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+        raise _unreadable(path, e) from e
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ArtifactIntegrityError(f"{path}: {bad[0]} holds NaN or infinity")
@@ -370,8 +373,7 @@ def _load_reference(path: Path, n: int, config: VAEConfig, space: str) -> torch.
                 )
             ref = f.get_tensor(REFERENCE_TENSOR)
     except (SafetensorError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactIntegrityError(f"{path} cannot be loaded: {first}") from e
+        raise _unreadable(path, e) from e
     if not torch.isfinite(ref).all():
         raise ArtifactIntegrityError(f"{path}: {REFERENCE_TENSOR} holds NaN or infinity")
     return ref

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +15,7 @@ from detector.model import VAE, VAEConfig
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import Calibration
+from detector.transforms import TransformHead
 from training.augment import make_augmentation
 from training.calibrate import neighbour_setup
 from training.data import Split
@@ -23,6 +26,62 @@ if TYPE_CHECKING:
     from training.options import CalibrationOptions
 
 CROSS_FIT_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class ScoreTerms:
+    """What a fitted model's score needs beyond the model: the neighbour term's reference rows,
+    the transformation head, and the likelihood's config with both terms' fitted weights."""
+
+    reference: torch.Tensor | None
+    head: TransformHead | None
+    config: ScoreConfig
+    head_seconds: float
+
+
+def fit_score_terms(
+    model: VAE,
+    x_train: npt.NDArray[np.float32],
+    x_val: npt.NDArray[np.float32],
+    spec: InputSpec,
+    likelihood: ScoreConfig,
+    neighbour_share: float,
+    transformation_share: float,
+    *,
+    device: str,
+    seed: int,
+    progress: bool | None,
+    desc: str = "transformation head",
+) -> ScoreTerms:
+    """The neighbour term (its weight fitted against ``likelihood`` on ``x_val``), then the
+    transformation head (trained on ``x_train``, its term fitted against the two): the same
+    steps for the final model and for every cross-fit fold's."""
+    reference, weight = neighbour_setup(
+        model, x_train, x_val, spec, neighbour_share, config=likelihood, device=device, seed=seed
+    )
+    with_neighbour = likelihood.replace(neighbour_weight=weight)
+    start = time.perf_counter()
+    head, head_weight, head_offset = head_setup(
+        model,
+        x_train,
+        x_val,
+        spec,
+        transformation_share,
+        config=with_neighbour,
+        reference=reference,
+        device=device,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+    )
+    return ScoreTerms(
+        reference,
+        head,
+        with_neighbour.replace(
+            transformation_weight=head_weight, transformation_offset=head_offset
+        ),
+        time.perf_counter() - start if head is not None else 0.0,
+    )
 
 
 def fit_model(
@@ -110,38 +169,22 @@ def cross_fit_calibration(
             sample_shape=spec.shape,
             value_range=model_range(cfg, spec),
         )
-        reference, weight = neighbour_setup(
+        terms = fit_score_terms(
             fold.model,
             pool[tr],
             pool[val],
             spec,
+            likelihood,
             cal_opts.neighbour_share,
-            config=likelihood,
-            device=device,
-            seed=train.seed,
-        )
-        config = likelihood.replace(neighbour_weight=weight)
-        head, head_weight, head_offset = head_setup(
-            fold.model,
-            pool[tr],
-            pool[val],
-            spec,
             transformation_share,
-            config=config,
-            reference=reference,
             device=device,
             seed=train.seed,
             progress=progress,
             desc=f"calibration fold {k + 1}/{CROSS_FIT_FOLDS}: transformation head",
         )
         scores[held] = Detector(
-            fold.model, None, spec, device=device, reference=reference, head=head
-        ).score_parts(
-            pool[held],
-            config=config.replace(
-                transformation_weight=head_weight, transformation_offset=head_offset
-            ),
-        )["score"]
+            fold.model, None, spec, device=device, reference=terms.reference, head=terms.head
+        ).score_parts(pool[held], config=terms.config)["score"]
     return Calibration.fit(
         scores, cal_opts.target_fpr, score_config=likelihood, protocol="cross-fit"
     )

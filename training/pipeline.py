@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from detector.schema import TableSchema
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.threshold import validate_fpr
-from training.calibrate import calibrate, complexity_bounds, neighbour_setup
+from training.calibrate import calibrate, complexity_bounds
 from training.data import (
     Dataset,
     Split,
@@ -35,10 +34,10 @@ from training.fitting import (
     CROSS_FIT_FOLDS,
     cross_fit_calibration,
     fit_model,
+    fit_score_terms,
     flat,
     model_range,
 )
-from training.head import head_setup
 from training.options import (  # importing the options from here keeps working
     CALIBRATION_METHODS,
     CalibrationOptions,
@@ -225,35 +224,19 @@ def train_detector(
         complexity_floor=floor,
         neighbour_space=neighbour_space,
     )  # the score without its neighbour term, whose weight is fitted against it
-    reference, weight = neighbour_setup(
+    terms = fit_score_terms(
         result.model,
         split.x_train,
         split.x_val,
         spec,
+        likelihood,
         cal_opts.neighbour_share,
-        config=likelihood,
-        device=str(device),
-        seed=train.seed,
-    )
-    head_start = time.perf_counter()
-    head, head_weight, head_offset = head_setup(
-        result.model,
-        split.x_train,
-        split.x_val,
-        spec,
         transformation_share,
-        config=likelihood.replace(neighbour_weight=weight),
-        reference=reference,
-        device=device,
+        device=str(device),
         seed=train.seed,
         progress=progress,
     )
-    head_seconds = time.perf_counter() - head_start
-    final = likelihood.replace(
-        neighbour_weight=weight,
-        transformation_weight=head_weight,
-        transformation_offset=head_offset,
-    )
+    reference, head, final = terms.reference, terms.head, terms.config
     if method == "cross-fit":
         cal = cross_fit_calibration(
             split,
@@ -290,7 +273,7 @@ def train_detector(
         "best_val_loss": result.best_val_loss,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
-        "head_seconds": head_seconds if head is not None else 0.0,
+        "head_seconds": terms.head_seconds,
         "split": split.info,
         "calibration": {
             "method": method,

@@ -156,14 +156,14 @@ def test_failed_save_leaves_nothing(
     assert os.listdir(tmp_path / "out") == []
 
 
-def _rewrite_reference(artifact_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Replace reference.safetensors and re-sign it in the manifest, as an attacker could."""
+def _rewrite_tensors(artifact_dir: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace a tensor file and re-sign it in the manifest, as an attacker could."""
     from safetensors.torch import save_file
 
-    p = artifact_dir / artifact.REFERENCE
+    p = artifact_dir / name
     save_file(tensors, str(p))
     m = json.loads((artifact_dir / "manifest.json").read_text())
-    m["files"][artifact.REFERENCE] = {"sha256": artifact.sha256_file(p), "bytes": p.stat().st_size}
+    m["files"][name] = {"sha256": artifact.sha256_file(p), "bytes": p.stat().st_size}
     (artifact_dir / "manifest.json").write_text(json.dumps(m))
 
 
@@ -181,7 +181,7 @@ def _rewrite_reference(artifact_dir: Path, tensors: dict[str, torch.Tensor]) -> 
 def test_reference_of_the_wrong_shape_is_refused_before_it_is_read(
     artifact_dir: Path, tensors: dict[str, torch.Tensor], match: str
 ) -> None:
-    _rewrite_reference(artifact_dir, tensors)
+    _rewrite_tensors(artifact_dir, artifact.REFERENCE, tensors)
     with pytest.raises(ArtifactIntegrityError, match=match):
         Detector.load(artifact_dir)
 
@@ -193,7 +193,7 @@ def test_reference_with_nan_or_unlisted_is_refused(
     assert ref is not None
     bad = ref.clone()
     bad[0, 0] = float("nan")
-    _rewrite_reference(artifact_dir, {"latent_means": bad})
+    _rewrite_tensors(artifact_dir, artifact.REFERENCE, {"latent_means": bad})
     with pytest.raises(ArtifactIntegrityError, match="holds NaN or infinity"):
         Detector.load(artifact_dir)
     m = json.loads((artifact_dir / "manifest.json").read_text())
@@ -319,3 +319,25 @@ def test_a_reference_of_the_other_space_is_refused_before_it_is_read(artifact_di
         ArtifactIntegrityError, match=r"is F32 \[\d+, 4\], expected F32 \[\d+, 64\]"
     ):
         Detector.load(artifact_dir)
+
+
+def test_a_head_that_does_not_fit_or_is_missing_is_refused(trained, artifact_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    head = trained.detector.head
+    assert head is not None
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    _rewrite_tensors(
+        artifact_dir, artifact.HEAD, {**state, "hidden.weight": torch.zeros(5, 64)}
+    )  # 8x8 digits
+    with pytest.raises(ArtifactIntegrityError, match=r"head\.safetensors holds"):
+        Detector.load(artifact_dir)
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["out.bias"][0] = float("inf")
+    _rewrite_tensors(artifact_dir, artifact.HEAD, bad)
+    with pytest.raises(ArtifactIntegrityError, match="holds NaN or infinity"):
+        Detector.load(artifact_dir)
+    m = json.loads((artifact_dir / "manifest.json").read_text())
+    del m["files"][artifact.HEAD]
+    (artifact_dir / "manifest.json").write_text(json.dumps(m))
+    (artifact_dir / artifact.HEAD).unlink()
+    with pytest.raises(ArtifactIntegrityError, match="which its transformation head needs"):
+        Detector.load(artifact_dir)  # config.json still describes a head

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vae_anomaly.cli._common import (
     HelpFormatter,
     echo,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from detector.transforms import HeadConfig
 
 
 def register(sub: Any, fmt: type[HelpFormatter]) -> None:
@@ -171,13 +174,7 @@ def run_info(args: argparse.Namespace) -> int:
             f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood",
         ),
         ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
-        (
-            "head",
-            "none"
-            if (h := d["transformation_head"]) is None
-            else f"transformation head: {h['transforms']} ({det.head.config.n_transforms} "  # type: ignore[union-attr]
-            f"transformations), width {h['width']}, pooling {h['pool']}",
-        ),
+        ("head", "none" if det.head is None else _head_line(det.head.config)),
         ("score", f"{d['score_kind']}: {d['score_definition']}"),
         (
             "threshold",
@@ -193,6 +190,13 @@ def run_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         echo(f"{k:<{width}}  {v}")
     return 0
+
+
+def _head_line(h: HeadConfig) -> str:
+    return (
+        f"transformation head: {h.transforms} ({h.n_transforms} transformations), width "
+        f"{h.width}, pooling {h.pool}"
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
