@@ -17,8 +17,11 @@ from detector.model import VAE
 from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.transforms import HeadConfig, TransformHead, default_pool
+from training.augment import Shift
 
-HEAD_EPOCHS = 8  # passes over the N x K (image, transformation) pairs
+HEAD_EPOCHS = 16  # passes over the N x K (image, transformation) pairs
+HEAD_SHIFT = 1  # pixels: each training pair's image moved by up to one pixel either way first
+HEAD_SHIFT_SHARE = 1.0  # of each batch (a draw of no move included)
 HEAD_MIN_STEPS = 1000  # small data sets get more passes, so that the head learns at all
 HEAD_MAX_EPOCHS = 200
 HEAD_BATCH = 256
@@ -60,7 +63,10 @@ def fit_head(
 ) -> TransformHead:
     """Train a head to tell which of its K transformations was applied to each training image
     (cross-entropy over every (image, transformation) pair, Adam; a fixed schedule: nothing of
-    the validation images is used)."""
+    the validation images is used). Each pair's image is first moved by up to ``HEAD_SHIFT``
+    pixels along each axis (``training.augment.Shift``): the head then learns the normal
+    images' shape rather than the exact place of every stroke, and a normal test image a pixel
+    off its training siblings surprises it less (docs/experiments.md, "Ninth session")."""
     n = int(x_train.shape[0])
     if n < 1:
         raise ConfigError("the transformation head needs at least one training image")
@@ -74,6 +80,7 @@ def fit_head(
     per_epoch = math.ceil(pairs / HEAD_BATCH)
     epochs = min(HEAD_MAX_EPOCHS, max(HEAD_EPOCHS, math.ceil(HEAD_MIN_STEPS / per_epoch)))
     opt = torch.optim.Adam(head.parameters(), lr=HEAD_LR)
+    shift = Shift(head.config.grid, pixels=HEAD_SHIFT, share=HEAD_SHIFT_SHARE, seed=seed)
     head.train()
     bar = tqdm(
         total=epochs * per_epoch,
@@ -88,7 +95,7 @@ def fit_head(
             for start in range(0, pairs, HEAD_BATCH):
                 pick = order[start : start + HEAD_BATCH]
                 k = pick // n
-                logits = head(head.transformed(x[pick % n], k))
+                logits = head(head.transformed(shift(x[pick % n]), k))
                 loss = F.cross_entropy(logits, k)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
