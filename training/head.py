@@ -18,6 +18,7 @@ from detector.score import ScoreConfig
 from detector.spec import InputSpec
 from detector.transforms import HeadConfig, TransformHead, default_pool
 from training.augment import Shift
+from training.threads import step_threads
 
 HEAD_EPOCHS = 16  # passes over the N x K (image, transformation) pairs
 HEAD_SHIFT = 1  # pixels: each training pair's image moved by up to one pixel either way first
@@ -89,7 +90,7 @@ def fit_head(
         leave=False,
         disable=None if progress is None else not progress,
     )
-    with bar:
+    with bar, step_threads(lambda: head(x[:HEAD_BATCH]), x.device):
         for _ in range(epochs):
             order = torch.randperm(pairs, generator=gen).to(device)
             for start in range(0, pairs, HEAD_BATCH):
