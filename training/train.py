@@ -147,68 +147,65 @@ def fit(
         dynamic_ncols=True,
         leave=True,
     )
-    try:
-        with step_threads(lambda: model(xt[: cfg.batch_size].to(device)), device):
-            for epoch in range(epochs):
-                t0 = time.perf_counter()
-                model.train()
-                perm = torch.randperm(n, generator=gen)
-                sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
-                seen = 0
-                for step in range(steps):
-                    idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                    xb = xt[idx].to(device, non_blocking=True)
-                    if augment is not None:
-                        xb = augment(xb)
-                    beta = kl_weight(epoch, step, steps, cfg.kl_warmup_epochs, model.config.beta)
-                    loss, recon, kl = training_loss(model, xb, beta)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    w = idx.numel()
-                    seen += w
-                    sums["loss"] += float(loss.detach()) * w
-                    sums["recon"] += float(recon.detach()) * w
-                    sums["kl"] += float(kl.detach()) * w
-                    bar.update(1)
-                    bar.set_postfix(
-                        epoch=f"{epoch + 1}/{epochs}",
-                        loss=f"{sums['loss'] / seen:.2f}",
-                        recon=f"{sums['recon'] / seen:.2f}",
-                        kl=f"{sums['kl'] / seen:.2f}",
-                        refresh=False,
-                    )
-                val = evaluate_elbo(model, xv, cfg.batch_size * 4)
-                row = {
-                    "epoch": epoch + 1,
-                    "train_loss": sums["loss"] / n,
-                    "train_reconstruction": sums["recon"] / n,
-                    "train_kl": sums["kl"] / n,
-                    "val_loss": val["score"],
-                    "val_reconstruction": val["reconstruction"],
-                    "val_kl": val["kl"],
-                    "beta": kl_weight(epoch + 1, 0, steps, cfg.kl_warmup_epochs, model.config.beta),
-                    "seconds": time.perf_counter() - t0,
-                }
-                history.append(row)
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", val=f"{val['score']:.2f}")
-                if not math.isfinite(val["score"]):
-                    raise ConfigError(
-                        f"training diverged at epoch {epoch + 1} (validation loss {val['score']}); "
-                        "lower the learning rate"
-                    )
-                warm = epoch + 1 >= cfg.kl_warmup_epochs  # compare only full-KL epochs
-                improved = val["score"] < best_loss - cfg.min_delta * abs(best_loss)
-                if warm and (improved or best_state is None):
-                    best_loss, best_epoch, bad_epochs = val["score"], epoch + 1, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                elif warm:
-                    bad_epochs += 1
-                    if patience and bad_epochs >= patience:
-                        stopped_early = True
-                        break
-    finally:
-        bar.close()
+    with bar, step_threads(lambda: model(xt[: cfg.batch_size].to(device)), device):
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+            seen = 0
+            for step in range(steps):
+                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                xb = xt[idx].to(device, non_blocking=True)
+                if augment is not None:
+                    xb = augment(xb)
+                beta = kl_weight(epoch, step, steps, cfg.kl_warmup_epochs, model.config.beta)
+                loss, recon, kl = training_loss(model, xb, beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                w = idx.numel()
+                seen += w
+                sums["loss"] += float(loss.detach()) * w
+                sums["recon"] += float(recon.detach()) * w
+                sums["kl"] += float(kl.detach()) * w
+                bar.update(1)
+                bar.set_postfix(
+                    epoch=f"{epoch + 1}/{epochs}",
+                    loss=f"{sums['loss'] / seen:.2f}",
+                    recon=f"{sums['recon'] / seen:.2f}",
+                    kl=f"{sums['kl'] / seen:.2f}",
+                    refresh=False,
+                )
+            val = evaluate_elbo(model, xv, cfg.batch_size * 4)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": sums["loss"] / n,
+                "train_reconstruction": sums["recon"] / n,
+                "train_kl": sums["kl"] / n,
+                "val_loss": val["score"],
+                "val_reconstruction": val["reconstruction"],
+                "val_kl": val["kl"],
+                "beta": kl_weight(epoch + 1, 0, steps, cfg.kl_warmup_epochs, model.config.beta),
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", val=f"{val['score']:.2f}")
+            if not math.isfinite(val["score"]):
+                raise ConfigError(
+                    f"training diverged at epoch {epoch + 1} (validation loss {val['score']}); "
+                    "lower the learning rate"
+                )
+            warm = epoch + 1 >= cfg.kl_warmup_epochs  # compare only full-KL epochs
+            improved = val["score"] < best_loss - cfg.min_delta * abs(best_loss)
+            if warm and (improved or best_state is None):
+                best_loss, best_epoch, bad_epochs = val["score"], epoch + 1, 0
+                best_state = copy.deepcopy(model.state_dict())
+            elif warm:
+                bad_epochs += 1
+                if patience and bad_epochs >= patience:
+                    stopped_early = True
+                    break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
