@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -310,6 +311,16 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str], cmd: list[str
         assert code == 2 and len(err.strip().splitlines()) == 1 and "(see --help)" in err
 
 
+def test_every_command_help_renders_its_text() -> None:
+    """argparse collapses "%%" only in option help, not in a description: no command's --help
+    may show a doubled percent sign."""
+    commands = _subparsers()
+    assert "benchmark" in commands
+    for name, p in commands.items():
+        text = p.format_help()
+        assert "usage:" in text and "%%" not in text, name
+
+
 def test_every_command_sets_a_passive_thread_policy_before_torch_loads() -> None:
     import os
     import subprocess
@@ -356,8 +367,6 @@ def test_the_package_runs_as_a_module_and_exports_the_detector() -> None:
 
 
 def _subparsers() -> dict:
-    import argparse
-
     from vae_anomaly.cli import build_parser
 
     parser = build_parser()
@@ -408,7 +417,6 @@ def test_readme_commands_exist() -> None:
 def test_every_command_line_in_the_docs_uses_options_that_exist() -> None:
     """Each ``vae-anomaly COMMAND ... --option`` written in the README or a docs page is read
     against that command's parser: an option renamed or removed breaks this test, not a user."""
-    import argparse
     import re
 
     root = Path(__file__).resolve().parents[2]

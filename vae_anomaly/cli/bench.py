@@ -44,9 +44,9 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "threshold and times; writes results.json, results.md and roc_curves.png to --out. "
         "Results are cached per class, seed and configuration: rerunning resumes. "
         "--suite images runs MNIST and Fashion-MNIST one-vs-rest; --suite tabular runs public "
-        "tables (breast-cancer, wine, spam, musk, ticdata: 60 %% of the normal rows to train, the "
-        "rest plus every anomaly to test, 3 split seeds) and writes suite.json / suite.md with "
-        "mean AUROC and average ranks.",
+        "tables (breast-cancer, wine, spam, musk, ticdata, income: 60 % of the normal rows to "
+        "train, the rest plus every anomaly to test, 3 split seeds) and writes suite.json / "
+        "suite.md with mean AUROC and average ranks.",
         formatter_class=fmt,
     )
     bm.add_argument(
@@ -221,8 +221,8 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "its training images, then stream those (fresh normal traffic, in random orders) "
         "through the real service (one instance per request, the test restarted by a reload "
         "per stream) and through batch scoring: how often the drift test alarms. Shifted "
-        "streams replace rows after --clean by other classes at 5 %%, 20 %%, 50 %% or a ramp "
-        "to 50 %%: how many rows until the alarm. Also the class's test images (other "
+        "streams replace rows after --clean by other classes at 5 %, 20 %, 50 % or a ramp "
+        "to 50 %: how many rows until the alarm. Also the class's test images (other "
         "writers). Writes drift_benchmark.json and .md to --out.",
         formatter_class=fmt,
     )
