@@ -278,7 +278,7 @@ class Detector:
 
     @torch.no_grad()
     def encode(self, x: Any) -> npt.NDArray[np.float32]:
-        """Posterior means E[z | x]: (N, latent_dim)."""
+        """Posterior means E[z | x]: (N, code_dim)."""
         return self._per_batch(
             validate_samples(x, self.input_spec), lambda xb: self.model.encode(xb)[0]
         )
@@ -301,11 +301,12 @@ class Detector:
 
     @torch.no_grad()
     def decode(self, z: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """Expected samples decoded from latent codes ``z`` (N, latent_dim), shaped like inputs."""
+        """Expected samples decoded from latent codes ``z`` (N, code_dim: latent_dim, or an
+        ensemble's members' blocks side by side), shaped like inputs."""
         zt = torch.as_tensor(np.asarray(z, dtype=np.float32), device=self.device)
-        if zt.ndim != 2 or zt.shape[1] != self.model.config.latent_dim:
+        if zt.ndim != 2 or zt.shape[1] != self.model.config.code_dim:
             raise InputError(
-                f"latent codes must be (N, {self.model.config.latent_dim}), got {tuple(zt.shape)}"
+                f"latent codes must be (N, {self.model.config.code_dim}), got {tuple(zt.shape)}"
             )
         out = self.model.mean_prediction(self.model.decode(zt)).float().cpu().numpy()
         return out.reshape(len(out), *self.input_spec.shape)

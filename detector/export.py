@@ -81,7 +81,7 @@ class ScoringGraph(torch.nn.Module):
         self.has_reference = search is not None and not latent_output
         # the input space's rows are stored divided by each feature's spread (detector.neighbours)
         self.input_space = search is not None and search.scale is not None
-        ref = search.rows if search is not None else torch.zeros(1, model.config.latent_dim)
+        ref = search.rows if search is not None else torch.zeros(1, model.config.code_dim)
         scale = search.scale if search is not None and search.scale is not None else torch.ones(1)
         self.register_buffer("reference", ref.detach().float().cpu().clone())
         self.register_buffer("scale", scale.detach().float().cpu().clone())

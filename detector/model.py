@@ -27,6 +27,12 @@ costs ``unseen_nats``), and ``masked`` inputs may hold NaN for a missing cell, w
 reads as the training mean and the likelihood counts as the column's typical term on the training
 rows (``missing_nats``): neither an anomaly nor a perfect fit.
 
+``members`` > 1 (MLP only; tables by default, ``training.options``) makes the VAE a seed ensemble:
+that many encoder / decoder pairs, initialised apart and trained side by side on the same
+batches, each with its own latent block. ``encode`` returns the blocks side by side (B, members *
+latent_dim), and the reconstruction and KL terms are the members' means: the ensemble's -ELBO is
+the mean of its members' (docs/experiments.md, "Eleventh session").
+
 The config travels with the weights in the artifact (cf. nanoGPT's ``GPTConfig`` / ``model_args``),
 so ``VAE(VAEConfig(**saved))`` rebuilds the exact network.
 """
@@ -52,6 +58,7 @@ LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": (512, 256), "conv": (32, 64)}
 
 _LOG_2PI = math.log(2.0 * math.pi)
+MAX_MEMBERS = 16
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class VAEConfig:
     categorical: tuple[tuple[int, int], ...] = ()
     masked: bool = False
     unseen_nats: float = 0.0
+    members: int = 1  # > 1: a seed ensemble of that many MLP VAEs (see the module docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -102,6 +110,10 @@ class VAEConfig:
             raise ConfigError(f"widths must be positive, got {self.widths}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 1 <= self.members <= MAX_MEMBERS:
+            raise ConfigError(f"members must be 1-{MAX_MEMBERS}, got {self.members}")
+        if self.members > 1 and self.architecture != "mlp":
+            raise ConfigError("an ensemble (members > 1) needs the mlp architecture")
         if self.sigma is not None and self.sigma <= 0:
             raise ConfigError(f"sigma must be > 0 (or None to learn it), got {self.sigma}")
         if self.categorical or self.masked:
@@ -131,6 +143,11 @@ class VAEConfig:
     @property
     def n_features(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def code_dim(self) -> int:
+        """Width of ``VAE.encode``'s output: every member's latent block side by side."""
+        return self.members * self.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -237,17 +254,35 @@ class VAE(nn.Module):
     # -- the two halves ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, *input_shape) -> mu, logvar, each (B, latent)."""
-        h = self.encoder(self._prepare(x))  # (B, 2 * latent)
+        h = self.encoder(self._prepare(x))  # (B, 2 * latent); an ensemble's (M, B, 2 * latent)
         mu, logvar = h.chunk(2, dim=-1)
+        if self.config.members > 1:  # the members' blocks side by side: (B, M * latent)
+            mu, logvar = (t.transpose(0, 1).flatten(1) for t in (mu, logvar))
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent) -> likelihood parameters (B, *input_shape): logits or Gaussian mean."""
+        """z (B, latent) -> likelihood parameters (B, *input_shape): logits or Gaussian mean; an
+        ensemble's z (B, M * latent) -> (B, M, *input_shape), member m's from its own block."""
+        m = self.config.members
+        if m > 1:
+            out = self.decoder(z.reshape(z.shape[0], m, -1).transpose(0, 1)).transpose(0, 1)
+            return out.reshape(z.shape[0], m, *self.config.input_shape)
         return self.decoder(z).reshape(z.shape[0], *self.config.input_shape)
+
+    def _stacked(self, params: torch.Tensor) -> bool:
+        """Whether ``params`` are an ensemble's (B, M, *input_shape), not one member's."""
+        return params.dim() == len(self.config.input_shape) + 2
+
+    def _members_mean(self, fn: Any, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The mean over an ensemble's members of ``fn(x, member's params)``."""
+        m = self.config.members
+        return sum(fn(x, params[:, i]) for i in range(m)) / m
 
     # -- log densities, per sample ----------------------------------------------------------
     def nll(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) in nats, summed over features: (B,)."""
+        if self._stacked(params):
+            return self._members_mean(self.nll, x, params)
         if self.config.is_table:
             return self.nll_features(x, params).sum(-1)
         x = self._prepare(x)
@@ -269,6 +304,8 @@ class VAE(nn.Module):
         training rows): neither a perfect fit (0) nor an anomaly. ``detector.schema.TableSchema.
         column_contributions`` sums them per column.
         """
+        if self._stacked(params):
+            return self._members_mean(self.nll_features, x, params)
         if not self.config.is_table:
             xs = self._prepare(x)
             log_sigma = self._log_sigma(params)
@@ -315,6 +352,8 @@ class VAE(nn.Module):
         less the constant the cell pays even when predicted exactly), a categorical block's
         surprise; 0 for a missing cell. Comparable across columns of any scale: what
         ``detector.explain`` ranks columns by."""
+        if self._stacked(params):
+            return self._members_mean(self.surprise_features, x, params)
         terms = self.nll_features(x, params)
         constant = (
             self._log_sigma(params) + 0.5 * _LOG_2PI + torch.log(self.feature_scale)
@@ -328,13 +367,16 @@ class VAE(nn.Module):
         assert self.config.sigma is not None  # guaranteed by the config: fixed sigma
         return torch.full_like(like, math.log(self.config.sigma))
 
-    @staticmethod
-    def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(q(z|x) || N(0, I)) in nats, analytic: (B,)."""
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) in nats, analytic: (B,); an ensemble's members' mean."""
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+        return kl / self.config.members if self.config.members > 1 else kl
 
     def mean_prediction(self, params: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters -> expected reconstruction in the input's own units."""
+        if self._stacked(params):
+            m = self.config.members
+            return sum(self.mean_prediction(params[:, i]) for i in range(m)) / m  # type: ignore[return-value]
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(params)
         out = params * self.feature_scale + self.feature_mean
@@ -351,17 +393,37 @@ class VAE(nn.Module):
         return self.decode(mu), mu, logvar
 
 
+class ParallelLinear(nn.Module):
+    """``members`` independent Linear layers applied side by side: (M, B, a) -> (M, B, b), each
+    member initialised as ``nn.Linear`` would be."""
+
+    def __init__(self, members: int, a: int, b: int) -> None:
+        super().__init__()
+        layers = [nn.Linear(a, b) for _ in range(members)]
+        self.weight = nn.Parameter(torch.stack([la.weight.detach() for la in layers]))
+        self.bias = nn.Parameter(torch.stack([la.bias.detach() for la in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, B, a), or (B, a) read by every member, -> (M, B, b)."""
+        return torch.matmul(x, self.weight.transpose(1, 2)) + self.bias.unsqueeze(-2)
+
+
 def _mlp(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
+    m = config.members
+
+    def linear(a: int, b: int) -> nn.Module:
+        return nn.Linear(a, b) if m == 1 else ParallelLinear(m, a, b)
+
     dims = [config.n_features, *config.widths]
     enc: list[nn.Module] = [nn.Flatten()]
     for a, b in itertools.pairwise(dims):
-        enc += [nn.Linear(a, b), nn.SiLU()]
-    enc.append(nn.Linear(dims[-1], 2 * config.latent_dim))
+        enc += [linear(a, b), nn.SiLU()]
+    enc.append(linear(dims[-1], 2 * config.latent_dim))
     rev = [config.latent_dim, *reversed(config.widths)]
     dec: list[nn.Module] = []
     for a, b in itertools.pairwise(rev):
-        dec += [nn.Linear(a, b), nn.SiLU()]
-    dec.append(nn.Linear(rev[-1], config.n_features))
+        dec += [linear(a, b), nn.SiLU()]
+    dec.append(linear(rev[-1], config.n_features))
     return nn.Sequential(*enc), nn.Sequential(*dec)
 
 

@@ -102,7 +102,7 @@ def feature_scale(reference: torch.Tensor) -> torch.Tensor:
 
 def reference_widths(config: VAEConfig, space: str | None) -> set[int]:
     """The widths a reference row may have: the latent's, the flat input's, or either (None)."""
-    widths = {"latent": config.latent_dim, "input": config.n_features}
+    widths = {"latent": config.code_dim, "input": config.n_features}
     return set(widths.values()) if space is None else {widths[check_space(space)]}
 
 

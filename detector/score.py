@@ -281,6 +281,8 @@ def elbo_score(model: VAE, x: torch.Tensor) -> ScoreParts:
 def iwae_score(model: VAE, x: torch.Tensor, samples: int, seed: int = 0) -> ScoreParts:
     """Importance-weighted -log p(x) estimate with K fixed draws. Higher = more anomalous."""
     validate_score_kind("iwae", samples)
+    if model.config.members > 1:
+        raise ConfigError("the importance-weighted score needs a single VAE (members 1)")
     mu, logvar = model.encode(x)  # (B, L)
     b, latent = mu.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -362,7 +362,7 @@ def latent_space(ctx: FigureContext) -> Figure:
 
 
 def prior_samples(ctx: FigureContext) -> Figure:
-    k = ctx.detector.model.config.latent_dim
+    k = ctx.detector.model.config.code_dim
     rows, cols = 3, 10
     decoded = ctx.detector.decode(ctx.rng.standard_normal((rows * cols, k)))
     lo, hi = value_range_of(ctx)

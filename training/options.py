@@ -23,6 +23,7 @@ from training.data import TableOptions
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "split", "cross-fit")
 # the transformation head's share of an image score's spread (CalibrationOptions)
 IMAGE_TRANSFORMATION_SHARE = 0.4
+TABLE_MEMBERS = 3  # a table's seed ensemble: mean AUROC +0.2 on the tabular suite
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,19 @@ class ModelOptions:
         0.1  # gaussian only (standardised units for real-valued data); None = learned
     )
     beta: float = 1.0
+    # A seed ensemble of this many VAEs (detector.model); None = auto: TABLE_MEMBERS for rows of
+    # features (a table's VAE trains in seconds and its seed moves a table's AUROC by up to a
+    # point), 1 for images (docs/experiments.md, "Eleventh session")
+    members: int | None = None
+
+    def resolve_members(self, sample_shape: tuple[int, ...], score_kind: str = "elbo") -> int:
+        if self.members is None:
+            return TABLE_MEMBERS if len(sample_shape) == 1 and score_kind == "elbo" else 1
+        if self.members > 1 and score_kind != "elbo":
+            raise ConfigError(
+                f"an ensemble (--members {self.members}) is scored by the elbo, not {score_kind}"
+            )
+        return self.members
 
 
 @dataclass(frozen=True)

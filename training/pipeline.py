@@ -64,8 +64,10 @@ def build_model_config(
     in_unit_range: bool,
     opts: ModelOptions,
     schema: TableSchema | None = None,
+    score_kind: str = "elbo",
 ) -> VAEConfig:
     """Resolve the ``auto`` choices against the data and build the model config."""
+    members = opts.resolve_members(sample_shape, score_kind)
     arch = opts.architecture
     likelihood = opts.likelihood
     if schema is not None:
@@ -85,6 +87,7 @@ def build_model_config(
             categorical=schema.categorical_groups,
             masked=True,
             unseen_nats=schema.unseen_nats,
+            members=members,
         )
     if likelihood == "bernoulli" and not in_unit_range:
         raise ConfigError(
@@ -100,6 +103,7 @@ def build_model_config(
         likelihood=likelihood,  # type: ignore[arg-type]
         sigma=opts.sigma,
         beta=opts.beta,
+        members=members,
     )
 
 
@@ -162,7 +166,7 @@ def train_detector(
     if split is None:
         split = make_split(ds, data)
     in_unit = ds.schema is None and bool(split.x_train.min() >= 0.0 and split.x_train.max() <= 1.0)
-    cfg = build_model_config(ds.sample_shape, in_unit, model_opts, ds.schema)
+    cfg = build_model_config(ds.sample_shape, in_unit, model_opts, ds.schema, cal_opts.score_kind)
     spec = InputSpec(
         shape=ds.sample_shape,
         value_range=(0.0, 1.0) if cfg.likelihood == "bernoulli" else ds.value_range,

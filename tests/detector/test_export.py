@@ -17,6 +17,7 @@ from detector.detector import Detector
 from detector.errors import ConfigError
 from detector.export import export_onnx
 from training.data import Dataset
+from training.options import TABLE_MEMBERS
 from training.pipeline import CalibrationOptions, DataOptions, ModelOptions, train_detector
 from training.train import TrainConfig
 from vae_anomaly.cli import main
@@ -126,6 +127,7 @@ def test_onnx_runtime_scores_a_table_with_categories_and_missing_cells(tmp_path:
     )
     det = Detector.load(tmp_path / "model")
     assert det.score_config.neighbour_space == "input"  # a table's default: in the graph too
+    assert det.model.config.members == TABLE_MEMBERS  # and its seed ensemble
     schema = det.input_spec.schema
     assert schema is not None
     fresh = _table(200, 1)

@@ -27,6 +27,12 @@ from detector.model import VAE, VAEConfig
         ({"input_shape": (64,), "architecture": "mlp", "beta": 0.0}, "beta must be > 0"),
         ({"input_shape": (64,), "architecture": "mlp", "sigma": -1.0}, "sigma must be > 0"),
         ({"input_shape": (0,), "architecture": "mlp"}, "input_shape must be positive"),
+        ({"input_shape": (64,), "architecture": "mlp", "members": 0}, "members must be 1-16"),
+        ({"input_shape": (64,), "architecture": "mlp", "members": 17}, "members must be 1-16"),
+        (
+            {"input_shape": (1, 8, 8), "architecture": "conv", "members": 2},
+            r"ensemble .* needs the mlp architecture",
+        ),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:
@@ -83,3 +89,46 @@ def test_standardization_is_gaussian_only() -> None:
     vae = VAE(VAEConfig(input_shape=(4,), architecture="mlp"))
     with pytest.raises(ConfigError, match="only used with the gaussian"):
         vae.set_standardization(torch.zeros(4), torch.ones(4))
+
+
+def test_an_ensemble_scores_the_mean_of_its_members() -> None:
+    """members = 3: one network whose -ELBO parts are the means of three VAEs' parts, each member
+    exactly a plain VAE with that member's weights (numeric and categorical columns)."""
+    torch.manual_seed(0)
+    plain = VAEConfig(
+        input_shape=(10,),
+        architecture="mlp",
+        latent_dim=4,
+        widths=(16,),
+        likelihood="gaussian",
+        categorical=((6, 4),),
+        masked=True,
+    )
+    ens = VAE(VAEConfig(**{**plain.__dict__, "members": 3}))
+    x = torch.randn(5, 10)
+    x[:, 6:] = torch.nn.functional.one_hot(torch.arange(5) % 4, 4).float()
+    mu, logvar = ens.encode(x)
+    params = ens.decode(mu)
+    assert mu.shape == (5, 12) and params.shape == (5, 3, 10)
+    members = []
+    for i in range(3):
+        one = VAE(plain)
+        one.load_state_dict(
+            {
+                k: (v[i] if k.startswith(("encoder", "decoder")) else v)
+                for k, v in ens.state_dict().items()
+            }
+        )
+        members.append(one)
+    for fn in ("nll", "nll_features", "surprise_features"):
+        want = sum(getattr(m, fn)(x, m.decode(m.encode(x)[0])) for m in members) / 3
+        torch.testing.assert_close(getattr(ens, fn)(x, params), want)
+    kl = sum(m.kl(*m.encode(x)) for m in members) / 3
+    torch.testing.assert_close(ens.kl(mu, logvar), kl)
+    pred = sum(m.mean_prediction(m.decode(m.encode(x)[0])) for m in members) / 3
+    torch.testing.assert_close(ens.mean_prediction(params), pred)
+    # initialised apart, as three nn.Linear layers would be
+    w = ens.state_dict()["encoder.1.weight"]
+    assert not torch.equal(w[0], w[1]) and w.shape == (3, 16, 10)
+    # one member is the plain VAE: the same nn.Linear layers and state-dict names as ever
+    assert isinstance(VAE(plain).encoder[1], torch.nn.Linear)

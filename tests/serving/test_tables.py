@@ -147,7 +147,9 @@ def test_categorical_surprise_is_the_softmax_surprise(table_model: tuple[Path, P
         params = model.decode(mu)
         terms = model.nll_features(x, params)
         start, size = schema.categorical_groups[0]
-        expected = -torch.log_softmax(params[0, start : start + size], -1)[1]
+        # a table's default is a seed ensemble: its surprise is the members' mean
+        assert params.shape == (1, model.config.members, x.shape[1])
+        expected = -torch.log_softmax(params[0, :, start : start + size], -1)[:, 1].mean()
     assert torch.isclose(terms[0, start], expected)
     assert (terms[0, start + 1 : start + size] == 0).all()
     assert torch.isclose(terms.sum(), model.nll(x, params)[0])

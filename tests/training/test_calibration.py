@@ -135,7 +135,12 @@ def test_a_table_measures_neighbours_in_its_input_space(digits: Dataset, tmp_pat
         progress=False,
         dataset=ds,
     ).detector
-    assert latent.reference is not None and latent.reference.shape[1] == 4
+    # the posterior means of every member of the table's ensemble, side by side
+    assert latent.model.config.members > 1
+    assert (
+        latent.reference is not None
+        and latent.reference.shape[1] == 4 * latent.model.config.members
+    )
 
 
 def test_the_input_space_reference_is_a_seeded_subset_beyond_its_cap(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -159,6 +164,30 @@ def test_the_input_space_reference_is_a_seeded_subset_beyond_its_cap(monkeypatch
     assert again is not None and torch.equal(ref, again)  # the same seed, the same subset
     small, _ = C.neighbour_setup(model, x[:80], x[:50], InputSpec((6,)), 0.5, config=config)
     assert small is not None and small.shape[0] == 80  # under the cap: every training row
+
+
+def test_the_ensemble_size_follows_the_data_and_the_score() -> None:
+    """auto: a seed ensemble of TABLE_MEMBERS for rows of features, one VAE for images and for
+    the importance-weighted score, which needs a single VAE; asked for, it is refused there."""
+    import torch
+
+    from detector.model import VAE
+    from detector.score import iwae_score
+    from training.options import TABLE_MEMBERS, ModelOptions
+    from training.pipeline import build_model_config
+
+    auto = ModelOptions()
+    assert TABLE_MEMBERS > 1 and auto.resolve_members((30,)) == TABLE_MEMBERS
+    assert auto.resolve_members((1, 28, 28)) == 1
+    assert auto.resolve_members((30,), "iwae") == 1
+    assert ModelOptions(members=5).resolve_members((1, 28, 28)) == 5
+    with pytest.raises(ConfigError, match=r"ensemble .* is scored by the elbo, not iwae"):
+        ModelOptions(members=2).resolve_members((30,), "iwae")
+    cfg = build_model_config((30,), False, auto)
+    assert cfg.members == TABLE_MEMBERS and cfg.code_dim == TABLE_MEMBERS * cfg.latent_dim
+    assert build_model_config((784,), True, auto, score_kind="iwae").members == 1
+    with pytest.raises(ConfigError, match="needs a single VAE"):
+        iwae_score(VAE(cfg), torch.zeros(2, 30), 4)
 
 
 def test_a_reconstruction_weight_is_checked_before_training() -> None:

@@ -86,6 +86,18 @@ def share_arg(s: str) -> float:
     return v
 
 
+def auto_count_arg(s: str) -> int | None:
+    """A whole number >= 1, or ``auto`` (None: the data decides)."""
+    if s.lower() == "auto":
+        return None
+    try:
+        return positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a whole number >= 1, got {s}"
+        ) from None
+
+
 def auto_share_arg(s: str) -> float | None:
     """A share >= 0, or ``auto`` (None: the data decides)."""
     if s.lower() == "auto":
@@ -165,6 +177,14 @@ def add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
         help="gaussian sigma, in data units for [0, 1] data and standardised units otherwise; or 'learned' (one per feature)",
     )
     g.add_argument("--beta", type=float, default=mo.beta, help="KL weight in the training loss")
+    g.add_argument(
+        "--members",
+        type=auto_count_arg,
+        default=mo.members,
+        metavar="auto|N",
+        help="a seed ensemble of N VAEs trained side by side, their -ELBO parts averaged; auto: "
+        "3 for tables (rows of features), 1 for images",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--epochs",
@@ -251,6 +271,7 @@ def model_options(args: argparse.Namespace) -> Any:
         likelihood=args.likelihood,
         sigma=args.sigma,
         beta=args.beta,
+        members=args.members,
     )
 
 

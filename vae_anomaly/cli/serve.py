@@ -171,7 +171,9 @@ def run_info(args: argparse.Namespace) -> int:
         ("created", d["created_at"]),
         (
             "model",
-            f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, {m['likelihood']} likelihood",
+            f"{m['architecture']} VAE, latent {m['latent_dim']}, widths {m['widths']}, "
+            f"{m['likelihood']} likelihood"
+            + (f", an ensemble of {m['members']}" if m.get("members", 1) > 1 else ""),
         ),
         ("input", f"shape {inp['shape']}, range {inp['value_range']}, {inp['preprocessing']}"),
         ("head", "none" if det.head is None else _head_line(det.head.config)),
