@@ -180,7 +180,7 @@ def add_model_args(p: argparse.ArgumentParser, mo: Any, tc: Any) -> None:
     g.add_argument(
         "--members",
         type=auto_count_arg,
-        default=mo.members,
+        default="auto" if mo.members is None else str(mo.members),
         metavar="auto|N",
         help="a seed ensemble of N VAEs trained side by side, their -ELBO parts averaged; auto: "
         "3 for tables (rows of features), 1 for images",
