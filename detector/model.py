@@ -110,7 +110,7 @@ class VAEConfig:
             raise ConfigError(f"widths must be positive, got {self.widths}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 1 <= self.members <= MAX_MEMBERS:
+        if type(self.members) is not int or not 1 <= self.members <= MAX_MEMBERS:
             raise ConfigError(f"members must be 1-{MAX_MEMBERS}, got {self.members}")
         if self.members > 1 and self.architecture != "mlp":
             raise ConfigError("an ensemble (members > 1) needs the mlp architecture")
@@ -253,7 +253,7 @@ class VAE(nn.Module):
 
     # -- the two halves ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, *input_shape) -> mu, logvar, each (B, latent)."""
+        """x (B, *input_shape) -> mu, logvar, each (B, latent); an ensemble's (B, M * latent)."""
         h = self.encoder(self._prepare(x))  # (B, 2 * latent); an ensemble's (M, B, 2 * latent)
         mu, logvar = h.chunk(2, dim=-1)
         if self.config.members > 1:  # the members' blocks side by side: (B, M * latent)

@@ -253,6 +253,11 @@ def test_calibrations_that_verify_but_cannot_be_right_are_refused(
             ),
             "does not fit the model config",
         ),
+        # an ensemble's config over one VAE's weights, and sizes no ensemble can have
+        (lambda c: c["model"].update(members=3), "does not fit the model config"),
+        (lambda c: c["model"].update(members=2.5), "members must be 1-16"),
+        (lambda c: c["model"].update(members="3"), "members must be 1-16"),
+        (lambda c: c["model"].update(members=1_000_000), "members must be 1-16"),
         # the spec and the model disagree
         (lambda c: c["input"].update(shape=[65]), "does not fit the model's input"),
     ],
