@@ -209,7 +209,11 @@ class Detector:
 
     @property
     def score_definition(self) -> str:
-        return self.score_config.definition()
+        text = self.score_config.definition()
+        m = self.model.config.members
+        return text + (
+            f"; reconstruction and kl are the means of {m} VAEs' (a seed ensemble)" if m > 1 else ""
+        )
 
     def require_calibration(self) -> Calibration:
         """The calibration, or NotCalibratedError: what thresholds, p-values and flags need."""
