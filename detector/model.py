@@ -273,16 +273,16 @@ class VAE(nn.Module):
         """Whether ``params`` are an ensemble's (B, M, *input_shape), not one member's."""
         return params.dim() == len(self.config.input_shape) + 2
 
-    def _members_mean(self, fn: Any, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """The mean over an ensemble's members of ``fn(x, member's params)``."""
+    def _members_mean(self, fn: Any, params: torch.Tensor) -> torch.Tensor:
+        """The mean over an ensemble's members of ``fn(member's params)``."""
         m = self.config.members
-        return sum(fn(x, params[:, i]) for i in range(m)) / m
+        return sum(fn(params[:, i]) for i in range(m)) / m
 
     # -- log densities, per sample ----------------------------------------------------------
     def nll(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) in nats, summed over features: (B,)."""
         if self._stacked(params):
-            return self._members_mean(self.nll, x, params)
+            return self._members_mean(lambda p: self.nll(x, p), params)
         if self.config.is_table:
             return self.nll_features(x, params).sum(-1)
         x = self._prepare(x)
@@ -305,7 +305,7 @@ class VAE(nn.Module):
         column_contributions`` sums them per column.
         """
         if self._stacked(params):
-            return self._members_mean(self.nll_features, x, params)
+            return self._members_mean(lambda p: self.nll_features(x, p), params)
         if not self.config.is_table:
             xs = self._prepare(x)
             log_sigma = self._log_sigma(params)
@@ -353,7 +353,7 @@ class VAE(nn.Module):
         surprise; 0 for a missing cell. Comparable across columns of any scale: what
         ``detector.explain`` ranks columns by."""
         if self._stacked(params):
-            return self._members_mean(self.surprise_features, x, params)
+            return self._members_mean(lambda p: self.surprise_features(x, p), params)
         terms = self.nll_features(x, params)
         constant = (
             self._log_sigma(params) + 0.5 * _LOG_2PI + torch.log(self.feature_scale)
@@ -375,8 +375,7 @@ class VAE(nn.Module):
     def mean_prediction(self, params: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters -> expected reconstruction in the input's own units."""
         if self._stacked(params):
-            m = self.config.members
-            return sum(self.mean_prediction(params[:, i]) for i in range(m)) / m  # type: ignore[return-value]
+            return self._members_mean(self.mean_prediction, params)
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(params)
         out = params * self.feature_scale + self.feature_mean

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 PROG = "vae-anomaly"
 EXIT_FAILURE = 1
@@ -31,6 +32,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def column_list(value: str) -> tuple[str, ...]:
     """A comma-separated list of column names."""
     return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
+T = TypeVar("T")
 
 
 def positive_int(s: str) -> int:
@@ -86,26 +90,22 @@ def share_arg(s: str) -> float:
     return v
 
 
-def auto_count_arg(s: str) -> int | None:
-    """A whole number >= 1, or ``auto`` (None: the data decides)."""
-    if s.lower() == "auto":
-        return None
-    try:
-        return positive_int(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be 'auto' or a whole number >= 1, got {s}"
-        ) from None
+def or_auto(parse: Callable[[str], T], expected: str) -> Callable[[str], T | None]:
+    """An argument type: ``auto`` (None: the data decides), or what ``parse`` accepts."""
+
+    def arg(s: str) -> T | None:
+        if s.lower() == "auto":
+            return None
+        try:
+            return parse(s)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be 'auto' or {expected}, got {s}") from None
+
+    return arg
 
 
-def auto_share_arg(s: str) -> float | None:
-    """A share >= 0, or ``auto`` (None: the data decides)."""
-    if s.lower() == "auto":
-        return None
-    try:
-        return share_arg(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {s}") from None
+auto_count_arg = or_auto(positive_int, "a whole number >= 1")
+auto_share_arg = or_auto(share_arg, "a number >= 0")
 
 
 def weight_arg(s: str) -> float | None:
