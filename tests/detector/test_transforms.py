@@ -114,10 +114,15 @@ def test_head_config_round_trips_and_refuses_what_cannot_be_right() -> None:
 def test_weight_and_offset_from_the_validation_normals() -> None:
     rng = np.random.default_rng(0)
     score = rng.normal(0, 10, 500)
-    surprise = rng.exponential(0.3, 500)
+    surprise = rng.exponential(3.0, 500)
     w, offset = fit_transformation_term(score, surprise, 0.4)
     assert offset == pytest.approx(np.quantile(surprise, 0.75))
     assert np.std(w * np.log(surprise + offset)) == pytest.approx(0.4 * np.std(score))
+    # a head sure of most normal images (hundredths of a nat): the offset stops at one nat
+    sure = rng.exponential(0.01, 500)
+    w, offset = fit_transformation_term(score, sure, 0.4)
+    assert offset == 1.0
+    assert np.std(w * np.log(sure + offset)) == pytest.approx(0.4 * np.std(score))
     assert fit_transformation_term(score, surprise, 0.0) == (0.0, 1.0)
     assert fit_transformation_term(score, np.zeros(500), 0.4) == (0.0, 1.0)  # no evidence
     with pytest.raises(ConfigError, match="transformation share"):
