@@ -115,11 +115,11 @@ def fit_transformation_term(
 ) -> tuple[float, float]:
     """The weight and offset of log(transformation + offset) in the score, from the validation
     normals: the offset is their ``OFFSET_QUANTILE`` quantile of the surprise (the log in the
-    normal data's own scale), at least ``MIN_OFFSET`` (one nat), and the weight makes the term's spread (standard deviation)
-    ``share`` times the rest of the score's. Standard deviations, not robust spreads: the head is
-    sure of most normal images (a surprise near 0) and its tail is what carries its evidence
-    (docs/experiments.md, "Eighth session"). (0, 1) when ``share`` is 0 or the surprise is
-    constant."""
+    normal data's own scale), at least ``MIN_OFFSET`` (one nat), and the weight makes the term's
+    spread (standard deviation) ``share`` times the rest of the score's. Standard deviations, not
+    robust spreads: the head is sure of most normal images (a surprise near 0) and its tail is
+    what carries its evidence (docs/experiments.md, "Eighth session"). (0, 1) when ``share`` is 0
+    or the surprise is constant."""
     if not (math.isfinite(share) and share >= 0):
         raise ConfigError(f"transformation share must be a finite number >= 0, got {share}")
     s = np.asarray(score, np.float64)
