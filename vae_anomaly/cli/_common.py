@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+T = TypeVar("T")
+
 PROG = "vae-anomaly"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -32,9 +34,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def column_list(value: str) -> tuple[str, ...]:
     """A comma-separated list of column names."""
     return tuple(c.strip() for c in value.split(",") if c.strip())
-
-
-T = TypeVar("T")
 
 
 def positive_int(s: str) -> int:
