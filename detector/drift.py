@@ -178,6 +178,21 @@ def alarm_level(alpha: float = DEFAULT_ALPHA) -> float:
     return math.log(1.0 / alpha)
 
 
+def ks_distance(window: npt.ArrayLike, calibration_sorted: npt.NDArray[np.float64]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic alone: the largest gap between the two
+    empirical distribution functions, evaluated at every value of either sample (scipy's
+    ``ks_2samp`` statistic, without its p-value: a sort and two searches, ~0.06 ms for 1,000
+    scores against 600, where the exact p-value costs ~0.5 ms and importing scipy.stats 0.4 s)."""
+    w = np.sort(np.asarray(window, np.float64).ravel())
+    c = np.asarray(calibration_sorted, np.float64).ravel()
+    if w.size == 0 or c.size == 0:
+        return 0.0
+    at = np.concatenate([w, c])
+    gap = np.searchsorted(w, at, side="right") / w.size
+    gap -= np.searchsorted(c, at, side="right") / c.size
+    return float(np.abs(gap).max())
+
+
 def ks_statistic(
     window: npt.ArrayLike, calibration_sorted: npt.NDArray[np.float64]
 ) -> tuple[float, float]:

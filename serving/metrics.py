@@ -7,6 +7,7 @@ production). With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before st
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections import deque
@@ -23,7 +24,7 @@ from prometheus_client import (
 )
 
 from detector._io import process_alive
-from detector.drift import DEFAULT_ALPHA, DriftTest, alarm_level, ks_statistic
+from detector.drift import DEFAULT_ALPHA, DriftTest, alarm_level, ks_distance
 from detector.threshold import Calibration
 
 PREFIX = "vae_anomaly"
@@ -130,9 +131,17 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
 class DriftMonitor:
     """This worker's drift test over the scores it serves (``detector.drift``): the conformal
     test martingale of their online p-values against the calibration scores, and the KS
-    statistic of its last ``window`` scores. Reset when a model is loaded."""
+    statistic of its last ``window`` scores. Reset when a model is loaded.
+
+    Served scores wait in ``pending`` and join the test a block at a time (``flush``: when
+    ``FLUSH_ROWS`` are waiting, ``FLUSH_SECONDS`` after the first of them, and before anything
+    reads the test): ranking a block costs about what ranking one row does, so a single-instance
+    request pays a list append instead of ~35 µs of small numpy calls. The p-values and the
+    martingale are the same as row by row (``OnlineConformal`` ranks a block's rows in order)."""
 
     KS_EVERY = 256  # scores between two KS statistics (each costs a sort of the window)
+    FLUSH_ROWS = 256
+    FLUSH_SECONDS = 0.25
 
     def __init__(self, calibration: Calibration, alpha: float, window: int) -> None:
         self.cal = np.sort(np.asarray(calibration.scores, np.float64))
@@ -140,6 +149,23 @@ class DriftMonitor:
         self.window: deque[float] = deque(maxlen=window)
         self.since_ks = 0
         self.ks = 0.0
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+
+    def add(self, scores: np.ndarray) -> bool:
+        """Queue served scores; True when enough wait that the caller should ``flush`` now."""
+        self.pending.append(scores)
+        self.pending_rows += len(scores)
+        return self.pending_rows >= self.FLUSH_ROWS
+
+    def flush(self) -> bool:
+        """Run the waiting scores through the test; False if none were waiting."""
+        if not self.pending:
+            return False
+        block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending, self.pending_rows = [], 0
+        self.update(block)
+        return True
 
     def update(self, scores: np.ndarray) -> None:
         finite = np.asarray(scores, np.float64)
@@ -147,8 +173,8 @@ class DriftMonitor:
         self.test.martingale.update(self.test.online.p_values(finite))
         self.window.extend(finite.tolist())
         self.since_ks += finite.size
-        if self.since_ks >= self.KS_EVERY or self.ks == 0.0:
-            self.ks = ks_statistic(np.fromiter(self.window, np.float64), self.cal)[0]
+        if self.since_ks >= self.KS_EVERY or (self.since_ks and not self.ks):
+            self.ks = ks_distance(np.fromiter(self.window, np.float64), self.cal)
             self.since_ks = 0
 
 
@@ -262,6 +288,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
         for route in (*ROUTES, *V2_ROUTES):
             method = "POST" if route in ("/score", "/admin/reload", V2_INFER) else "GET"
             self.request_latency.labels(route, method)
@@ -307,8 +334,23 @@ class Metrics:
         self.anomalies.inc(int(flags.sum()))
         if self.score is not None:
             observe_many(self.score, scores)
-        if self.drift is not None:
-            self.drift.update(scores)
+        drift = self.drift
+        if drift is not None and drift.add(scores):
+            self.flush_drift()
+        elif drift is not None and self._flush_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a test calling in directly): now
+                self.flush_drift()
+            else:
+                self._flush_timer = loop.call_later(drift.FLUSH_SECONDS, self.flush_drift)
+
+    def flush_drift(self) -> None:
+        """Bring the drift test and its gauges up to date with every score served so far."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self.drift is not None and self.drift.flush():
             self._set_drift()
 
     def _set_drift(self) -> None:
@@ -330,6 +372,7 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid())
 
     def exposition(self) -> tuple[bytes, str]:
+        self.flush_drift()
         if multiprocess_enabled():
             from prometheus_client import multiprocess
 

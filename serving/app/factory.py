@@ -207,6 +207,7 @@ def create_app(
             "torch_threads": torch.get_num_threads(),
             "out_of_range": "rejected with 422 unless clip=true",
         }
+        metrics.flush_drift()
         drift = metrics.drift
         d["drift"] = {
             "test": "a conformal test martingale (Vovk et al.'s Simple Jumper) over the online "

@@ -13,6 +13,7 @@ from detector.drift import (
     OnlineConformal,
     SimpleJumper,
     alarm_level,
+    ks_distance,
     ks_statistic,
 )
 
@@ -81,6 +82,17 @@ def test_ks_statistic_of_identical_samples_is_small() -> None:
     cal = np.sort(rng.normal(size=2000))
     ks, p = ks_statistic(rng.normal(size=2000), cal)
     assert ks < 0.06 and p > 0.01
+
+
+def test_ks_distance_is_scipys_statistic() -> None:
+    """The service's statistic-only KS equals scipy's, with ties inside and across the samples."""
+    rng = np.random.default_rng(5)
+    for n, m, shift in [(1000, 592, 0.0), (300, 50, 0.4), (1, 7, 0.0), (64, 64, -2.0)]:
+        cal = np.sort(np.round(rng.normal(size=m), 1))
+        window = np.round(rng.normal(shift, 1.0, size=n), 1)
+        assert ks_distance(window, cal) == pytest.approx(ks_statistic(window, cal)[0], abs=1e-12)
+    assert ks_distance([], np.array([1.0])) == 0.0
+    assert ks_distance([5.0, 6.0], np.array([1.0, 2.0])) == 1.0
 
 
 def test_score_summary_and_drift_command(trained, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from detector.drift import ks_distance
 from serving.metrics import observe_many
 
 
@@ -85,3 +87,30 @@ def test_drift_gauges_stay_low_on_normal_traffic_and_rise_on_a_shift(  # type: i
     assert _gauge(text, "vae_anomaly_drift_ks") > 0.3
     meta = client.get("/metadata").json()["drift"]
     assert meta["alpha"] == 0.01 and meta["rows"] == len(normal) + 300
+
+
+def test_deferred_drift_blocks_equal_row_by_row() -> None:
+    """Scores queued a request at a time and flushed in blocks give the martingale, the window
+    and the KS statistic that updating row by row gives (same seed: the same uniforms)."""
+    from detector.threshold import Calibration
+    from serving.metrics import DriftMonitor
+
+    rng = np.random.default_rng(7)
+    cal = Calibration.fit(rng.normal(size=500), target_fpr=0.01)
+    stream = np.concatenate([rng.normal(size=700), rng.normal(1.5, 1.0, size=300)])
+    one, blocks = DriftMonitor(cal, 0.01, 400), DriftMonitor(cal, 0.01, 400)
+    for v in stream:
+        one.update(np.array([v]))
+        if blocks.add(np.array([v])):
+            blocks.flush()
+    assert blocks.pending_rows == len(stream) % DriftMonitor.FLUSH_ROWS
+    assert blocks.flush() and not blocks.flush()
+    a, b = one.test.martingale, blocks.test.martingale
+    assert b.n == a.n == len(stream)
+    assert b.log_value == pytest.approx(a.log_value, rel=1e-9)
+    assert b.log_max == pytest.approx(a.log_max, rel=1e-9) and b.log_max > np.log(100)
+    assert list(blocks.window) == list(one.window)
+    # the KS statistic is taken every KS_EVERY rows (row by row: also at the first): the
+    # blocks' last one at row 768, of the 400 before it
+    assert blocks.ks == pytest.approx(ks_distance(stream[368:768], one.cal), abs=1e-12)
+    assert one.ks == pytest.approx(ks_distance(stream[369:769], one.cal), abs=1e-12)
