@@ -141,6 +141,7 @@ class Detector:
             raise ConfigError("the calibration's transformation term needs the head; none given")
         self.head = head.to(self.device).eval() if head is not None else None
         self.calibration = calibration
+        self._definition: tuple[ScoreConfig, str] | None = None
         self.input_spec = input_spec
         self.model_version = model_version
         self.metadata = metadata or {}
@@ -209,11 +210,16 @@ class Detector:
 
     @property
     def score_definition(self) -> str:
-        text = self.score_config.definition()
-        m = self.model.config.members
-        return text + (
-            f"; reconstruction and kl are the means of {m} VAEs' (a seed ensemble)" if m > 1 else ""
-        )
+        cfg = self.score_config  # every response carries it: worded once per score config
+        if self._definition is None or self._definition[0] is not cfg:
+            m = self.model.config.members
+            text = cfg.definition() + (
+                f"; reconstruction and kl are the means of {m} VAEs' (a seed ensemble)"
+                if m > 1
+                else ""
+            )
+            self._definition = (cfg, text)
+        return self._definition[1]
 
     def require_calibration(self) -> Calibration:
         """The calibration, or NotCalibratedError: what thresholds, p-values and flags need."""
@@ -365,7 +371,6 @@ class Detector:
             parts["score"] = parts["score"] + config.transformation_term(parts["transformation"])
         return parts
 
-    @torch.inference_mode()
     def _model_parts(
         self,
         arr: npt.NDArray[np.float32],
@@ -382,6 +387,18 @@ class Detector:
 
                 self._onnx = OnnxRuntimeScorer(self)
             return self._onnx.parts(arr, self.batch_size, search, neighbour_k)
+        with torch.inference_mode():  # (the ONNX path enters it for its neighbour search alone)
+            return self._torch_parts(arr, kind, samples, neighbour_k, space, search)
+
+    def _torch_parts(
+        self,
+        arr: npt.NDArray[np.float32],
+        kind: str,
+        samples: int,
+        neighbour_k: int,
+        space: str,
+        search: Search | None,
+    ) -> dict[str, npt.NDArray[np.float64]]:
         chunks: list[ScoreParts] = []
         near: list[torch.Tensor] = []
         surprise: list[torch.Tensor] = []

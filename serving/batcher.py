@@ -11,8 +11,11 @@ A request that is alone (``submit(..., alone=True)``: no other request in flight
 nothing queued, no batch running) and small is scored on the event loop's thread instead: with
 nobody to batch with, the hop to the inference thread and back only costs time (about 0.1 ms of
 CPU and latency per request at one client). Scoring there blocks the loop, so requests that
-arrive meanwhile cannot show up as in flight; a request that comes within one scoring time of
-the previous one's end is taken for a sign of such traffic and queued, so batches still form.
+arrive meanwhile cannot show up as in flight: they are read only once it ends. So a request from
+another connection (``source``) that comes within one scoring time of the previous one's end is
+taken for a sign of such traffic and queued, and batches still form. The next request on the
+same connection is not: a client waiting for its answer sends nothing meanwhile, and any other
+connection's request that arrived during the scoring would have been read before it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class MicroBatcher:
         self._busy = False  # a batch is being gathered or scored
         self._last_end = 0.0  # when the last scoring ended (perf_counter) ...
         self._last_cost = 0.0  # ... and how long it took
+        self._last_source: object = None  # the connection of the last request scored inline
 
     def start(self) -> None:
         if self._task is None:
@@ -87,20 +91,25 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def submit(
-        self, x: npt.NDArray[np.float32], *, alone: bool = False
+        self, x: npt.NDArray[np.float32], *, alone: bool = False, source: object = None
     ) -> tuple[Parts, Detector]:
         """Score validated rows; returns their score parts and the detector that scored them.
         ``alone``: no other request is in flight (the caller knows); then a small request is
-        scored right here."""
+        scored right here. ``source``: the request's connection (the client's address), if
+        known."""
         if self._closing or self._task is None:
             raise ModelNotReady("the service is shutting down")
         t0 = time.perf_counter()
-        quiet = t0 - self._last_end > self._last_cost  # nothing arrived hard on the last one
+        # nothing arrived hard on the last one, or it is the same client's next request
+        quiet = t0 - self._last_end > self._last_cost or (
+            source is not None and source == self._last_source
+        )
         if alone and quiet and not self._busy and self._queue.empty() and len(x) <= INLINE_ROWS:
             detector = self._get_detector()
             parts = detector.score_validated(x)
             self._last_end = time.perf_counter()
             self._last_cost = self._last_end - t0
+            self._last_source = source
             if self._on_batch is not None:
                 self._on_batch(x.shape[0], self._last_cost)
             return parts, detector
@@ -157,6 +166,7 @@ class MicroBatcher:
             return
         self._last_end = time.perf_counter()
         self._last_cost = self._last_end - t0
+        self._last_source = None
         if self._on_batch is not None:
             self._on_batch(rows, self._last_cost)
         start = 0

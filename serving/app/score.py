@@ -135,7 +135,7 @@ class ScoreEndpoint:
         if opts.clip and spec.value_range is not None:
             arr = np.clip(arr.astype(np.float32), spec.value_range[0], spec.value_range[1])
         x = validate_samples(arr, spec, name="instances")
-        decided, used, cal = await score_rows(state, x, opts.target_fpr)
+        decided, used, cal = await score_rows(state, x, opts.target_fpr, scope.get("client"))
         columns = {k: v.tolist() for k, v in decided.columns().items()}
         results: list[dict[str, Any]] = [
             dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
@@ -165,12 +165,13 @@ class ScoreEndpoint:
 
 
 async def score_rows(
-    state: Any, x: npt.NDArray[np.float32], target_fpr: float | None
+    state: Any, x: npt.NDArray[np.float32], target_fpr: float | None, source: object = None
 ) -> tuple[DetectionResult, Detector, Calibration]:
     """Validated rows scored through the micro-batcher and decided, counted in the metrics and
     the drift test: the one path of ``POST /score`` and the Open Inference Protocol's infer.
-    Returns the results, the detector that scored them and the calibration that decided."""
-    parts, used = await state.batcher.submit(x, alone=state.active == 1)
+    ``source``: the request's connection (``MicroBatcher.submit``). Returns the results, the
+    detector that scored them and the calibration that decided."""
+    parts, used = await state.batcher.submit(x, alone=state.active == 1, source=source)
     infinite = np.flatnonzero(~np.isfinite(parts["score"]))
     if infinite.size:  # never answer inf or null: the input is beyond the model's numbers
         raise InputError(

@@ -133,7 +133,7 @@ class InferEndpoint:
         spec = det.input_spec
         req = parse_infer(body, header_length, spec, state.settings.max_instances)
         x = validate_samples(req.x, spec, name="input")
-        decided, used, cal = await score_rows(state, x, req.target_fpr)
+        decided, used, cal = await score_rows(state, x, req.target_fpr, scope.get("client"))
         counts = spec.schema.cell_counts(x.reshape(len(x), -1)) if spec.schema else None
         head = {
             "model_name": name,

@@ -230,3 +230,39 @@ def test_a_lone_small_request_is_scored_on_the_callers_thread(trained: TrainOutc
     assert threads[0] == main_thread and threads[1] != main_thread and threads[2] != main_thread
     np.testing.assert_array_equal(inline["score"], queued["score"])
     assert batches == [3, 3, INLINE_ROWS + 1]  # every path is counted in the batch metrics
+
+
+def test_the_same_clients_next_request_stays_inline(trained: TrainOutcome) -> None:
+    """Right after a request scored inline, another connection's request is taken for traffic
+    the blocked loop could not see, and queued (batches still form); the same connection's
+    next request cannot be such traffic (its client was waiting for the answer): inline."""
+    import threading
+
+    det = trained.detector
+    assert trained.split.x_test is not None
+    x = trained.split.x_test[:1]
+    threads: list[str] = []
+
+    class Spy(Detector):
+        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            threads.append(threading.current_thread().name)
+            return super().score_validated(x)
+
+    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
+    a, b = ("127.0.0.1", 50001), ("127.0.0.1", 50002)
+
+    async def main() -> None:
+        batcher = MicroBatcher(lambda: spy, max_wait=0.0)
+        batcher.start()
+        try:
+            # back to back: each comes well within one scoring time of the previous one's end
+            for source in (a, a, a, b, None):
+                await batcher.submit(x, alone=True, source=source)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    inline = [t == threading.main_thread().name for t in threads]
+    # a (nothing before it); a again, and again; b hard on a's end: queued; then a request of
+    # unknown connection hard on b's end: queued
+    assert inline == [True, True, True, False, False]
