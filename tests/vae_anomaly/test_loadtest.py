@@ -11,13 +11,31 @@ import time
 
 import pytest
 
-from vae_anomaly.bench.loadtest import _client, _content_length, process_tree_cpu
+from vae_anomaly.bench.loadtest import (
+    _client,
+    _content_length,
+    _worker_of,
+    process_tree_cpu,
+    spread,
+)
 
 
 def test_content_length_is_read_from_any_header_position() -> None:
     head = b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Length: 17\r\nx-request-id: a"
     assert _content_length(head) == 17
     assert _content_length(b"HTTP/1.1 204 No Content\r\nserver: x") == 0
+
+
+def test_the_worker_is_read_from_the_request_id() -> None:
+    """Our request ids start with their worker's 8-hex-digit prefix: the load test counts the
+    connections each worker holds; a server without them (the bare endpoint) says nothing."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nX-Request-Id: 1f2e3d4c00000007"
+    assert _worker_of(head) == "1f2e3d4c"
+    assert _worker_of(b"HTTP/1.1 200 OK\r\nx-request-id: my-own-id") is None
+    assert _worker_of(b"HTTP/1.1 200 OK\r\ncontent-length: 3") is None
+    assert spread(["a", "b", "a", "a", "b", "a"]) == "4+2"
+    assert spread(["a"] * 8) == "8"
+    assert spread(["a", None]) is None and spread([]) is None
 
 
 def test_client_counts_responses_split_across_packets() -> None:
@@ -106,3 +124,5 @@ def test_loadtest_measures_both_protocols_and_the_bare_endpoint(trained) -> None
     }
     assert all(r["requests_per_s_ratio"] > 0 for r in report["ratios"])
     assert "| bare endpoint, 1 worker | json, 1 instance | 2 |" in markdown(report)
+    ours = [r for r in report["results"] if r["server"] == "vae-anomaly" and r["concurrency"] == 2]
+    assert ours and all(r["connections_per_worker"] == "2" for r in ours)  # one worker holds both

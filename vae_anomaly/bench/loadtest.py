@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class Result:
     max_ms: float
     server_cpu_ms_per_request: float | None  # user + system CPU of the server's processes
     client_cpu_ms_per_request: float  # this load generator's own CPU
+    # how the clients' connections fell on the server's workers, most loaded first ("5+3"); None
+    # for a server that does not say which worker answered (the bare endpoint)
+    connections_per_worker: str | None = None
 
 
 def _request(port: int, body: bytes, content_type: str, path: str = "/score") -> bytes:
@@ -74,6 +78,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.buf = b""
         self.need = -1  # bytes of the whole response, once its head is read
         self.t0 = 0.0
+        self.worker: str | None = None  # which server worker holds this connection, if it says
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -91,6 +96,8 @@ class _ClientProtocol(asyncio.Protocol):
                 return
             self.status = int(self.buf[9:12])  # "HTTP/1.1 200 OK"
             self.need = end + 4 + _content_length(self.buf[:end])
+            if self.worker is None:
+                self.worker = _worker_of(self.buf[:end])
         if len(self.buf) < self.need:
             return
         now = time.perf_counter()
@@ -112,6 +119,17 @@ class _ClientProtocol(asyncio.Protocol):
                 self.done.set_exception(exc or ConnectionError("the server closed the connection"))
 
 
+def _worker_of(head: bytes) -> str | None:
+    """The worker that answered, from the response's request id (``serving.app.asgi``: a
+    per-process prefix of 8 hex digits, then a counter); None without one."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-request-id":
+            rid = value.strip()
+            return rid[:8].decode("latin-1") if len(rid) == 16 else None
+    return None
+
+
 def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -122,12 +140,14 @@ def _content_length(head: bytes) -> int:
 
 async def _client(
     port: int, payload: bytes, stop_at: float, lat: list[float], errors: list[int]
-) -> None:
+) -> str | None:
+    """One client until ``stop_at``; returns the server worker that held its connection."""
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(
         lambda: _ClientProtocol(payload, stop_at, lat, errors), "127.0.0.1", port
     )
     await proto.done
+    return proto.worker
 
 
 @dataclass
@@ -137,6 +157,7 @@ class _Measured:
     seconds: float
     server_cpu: float | None
     client_cpu: float
+    workers: list[str | None]  # each client's server worker
 
 
 async def _scenario(
@@ -153,13 +174,13 @@ async def _scenario(
     errors: list[int] = []
     server0, client0 = process_tree_cpu(server_pid), time.process_time()
     t0 = time.perf_counter()
-    await asyncio.gather(
+    workers = await asyncio.gather(
         *(_client(port, payload, t0 + seconds, lat, errors) for _ in range(concurrency))
     )
     elapsed = time.perf_counter() - t0
     server1, client1 = process_tree_cpu(server_pid), time.process_time()
     server = server1 - server0 if server0 is not None and server1 is not None else None
-    return _Measured(lat, errors, elapsed, server, client1 - client0)
+    return _Measured(lat, errors, elapsed, server, client1 - client0, list(workers))
 
 
 def process_tree_cpu(pid: int) -> float | None:
@@ -207,7 +228,16 @@ def _summarise(server: str, round_: int, name: str, conc: int, n_inst: int, m: _
         max_ms=float(a.max()),
         server_cpu_ms_per_request=None if m.server_cpu is None else m.server_cpu * 1000 / n,
         client_cpu_ms_per_request=m.client_cpu * 1000 / n,
+        connections_per_worker=spread(m.workers),
     )
+
+
+def spread(workers: list[str | None]) -> str | None:
+    """Connections per server worker, most first ("6+2"); None if any did not say."""
+    if not workers or any(w is None for w in workers):
+        return None
+    counts = sorted(Counter(workers).values(), reverse=True)
+    return "+".join(map(str, counts))
 
 
 def machine() -> dict[str, Any]:
@@ -401,7 +431,7 @@ def _run(factory: Any, coro: Any) -> Any:
 
 HEADER = (
     f"{'server':<26}{'scenario':<24}{'clients':>8}{'requests':>10}{'req/s':>10}{'inst/s':>11}{'p50 ms':>9}"
-    f"{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}"
+    f"{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}{'conns/worker':>14}"
 )
 
 
@@ -413,20 +443,21 @@ def _row(r: Result) -> str:
     return (
         f"{r.server:<26}{r.scenario:<24}{r.concurrency:>8}{r.requests:>10}{r.requests_per_s:>10,.0f}{r.instances_per_s:>11,.0f}"
         f"{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}{_cpu(r):>19}"
+        f"{r.connections_per_worker or '':>14}"
     )
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows = [
-        "| server | scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server | scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request | connections per worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         cpu = r.get("server_cpu_ms_per_request")
         rows.append(
             f"| {r.get('server', OURS)} | {r['scenario']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['instances_per_s']:,.0f} | "
             f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
-            f"{'n/a' if cpu is None else f'{cpu:.2f}'} |"
+            f"{'n/a' if cpu is None else f'{cpu:.2f}'} | {r.get('connections_per_worker') or 'n/a'} |"
         )
     if report.get("ratios"):
         rows += ["", ratio_markdown(report["ratios"])]
