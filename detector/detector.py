@@ -213,12 +213,8 @@ class Detector:
         cfg = self.score_config  # every response carries it: worded once per score config
         if self._definition is None or self._definition[0] is not cfg:
             m = self.model.config.members
-            text = cfg.definition() + (
-                f"; reconstruction and kl are the means of {m} VAEs' (a seed ensemble)"
-                if m > 1
-                else ""
-            )
-            self._definition = (cfg, text)
+            ensemble = f"; reconstruction and kl are the means of {m} VAEs' (a seed ensemble)"
+            self._definition = (cfg, cfg.definition() + (ensemble if m > 1 else ""))
         return self._definition[1]
 
     def require_calibration(self) -> Calibration:
@@ -388,46 +384,34 @@ class Detector:
                 self._onnx = OnnxRuntimeScorer(self)
             return self._onnx.parts(arr, self.batch_size, search, neighbour_k)
         with torch.inference_mode():  # (the ONNX path enters it for its neighbour search alone)
-            return self._torch_parts(arr, kind, samples, neighbour_k, space, search)
-
-    def _torch_parts(
-        self,
-        arr: npt.NDArray[np.float32],
-        kind: str,
-        samples: int,
-        neighbour_k: int,
-        space: str,
-        search: Search | None,
-    ) -> dict[str, npt.NDArray[np.float64]]:
-        chunks: list[ScoreParts] = []
-        near: list[torch.Tensor] = []
-        surprise: list[torch.Tensor] = []
-        graph = self._elbo_graph() if kind == "elbo" else None
-        shape = self.model.config.input_shape
-        for start in range(0, arr.shape[0], self.batch_size):
-            xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
-            xb = xb.reshape(xb.shape[0], *shape)
-            mu: torch.Tensor | None = None
-            if graph is not None:
-                score, reconstruction, kl, mu = graph(xb)
-                chunks.append(ScoreParts(score, reconstruction, kl))
-            else:
-                chunks.append(score_batch(self.model, xb, kind, samples))
-                if search is not None and space == "latent":
-                    mu = self.model.encode(xb)[0]
-            if search is not None:
-                near.append(search.distance(self.model, xb, mu, neighbour_k))
-            if self.head is not None:
-                surprise.append(self.head.nll(xb))
-        out = {
-            name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
-            for name in ("score", "reconstruction", "kl")
-        }
-        for name, got in (("neighbour", near), ("transformation", surprise)):
-            out[name] = (
-                torch.cat(got).double().cpu().numpy() if got else np.zeros_like(out["score"])
-            )
-        return out
+            chunks: list[ScoreParts] = []
+            near: list[torch.Tensor] = []
+            surprise: list[torch.Tensor] = []
+            graph = self._elbo_graph() if kind == "elbo" else None
+            shape = self.model.config.input_shape
+            for start in range(0, arr.shape[0], self.batch_size):
+                xb = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+                xb = xb.reshape(xb.shape[0], *shape)
+                mu: torch.Tensor | None = None
+                if graph is not None:
+                    score, reconstruction, kl, mu = graph(xb)
+                    chunks.append(ScoreParts(score, reconstruction, kl))
+                else:
+                    chunks.append(score_batch(self.model, xb, kind, samples))
+                    if search is not None and space == "latent":
+                        mu = self.model.encode(xb)[0]
+                if search is not None:
+                    near.append(search.distance(self.model, xb, mu, neighbour_k))
+                if self.head is not None:
+                    surprise.append(self.head.nll(xb))
+            out = {
+                name: torch.cat([getattr(c, name) for c in chunks]).double().cpu().numpy()
+                for name in ("score", "reconstruction", "kl")
+            }
+            for name, got in (("neighbour", near), ("transformation", surprise)):
+                part = torch.cat(got).double().cpu().numpy() if got else np.zeros_like(out["score"])
+                out[name] = part
+            return out
 
     def searcher(self, space: str) -> Search | None:
         """The reference rows as a neighbour search in ``space``; None without reference rows."""
