@@ -84,9 +84,6 @@ def run(settings: Settings) -> None:
             # a new worker imports torch and loads the model before it is ready: give it time
             # before a rolling restart gives up on it (and keeps the old worker)
             timeout_worker_healthcheck=60,
-            # the workers share one socket: each accepts one connection per wake-up, so a burst
-            # of connections spreads over them (serving.listen)
-            loop="serving.listen:new_event_loop",
             **common,  # type: ignore[arg-type]
         )
     finally:
