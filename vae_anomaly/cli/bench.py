@@ -166,7 +166,9 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         "NPY requests of --npy-instances instances. --peer also starts the bare 20-line FastAPI "
         "endpoint around Detector.score (vae_anomaly/bench/peer.py) with 1 and 2 workers and "
         "measures it on the same requests, each scenario on every server in turn, --rounds "
-        "times; the report ends with the ratios. Prints a table; --out writes JSON and Markdown.",
+        "times; the report ends with the ratios. Each row of ours also says how the clients' "
+        "connections fell on the server's workers (e.g. 5+3): with several workers, a round where "
+        "one worker holds most of them is slower. Prints a table; --out writes JSON and Markdown.",
         formatter_class=fmt,
     )
     lt.add_argument("--model", required=True, help="artifact directory")
