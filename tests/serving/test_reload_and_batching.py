@@ -192,6 +192,18 @@ def test_batcher_caps_batch_size_and_reports_errors(trained: TrainOutcome) -> No
     assert sum(batches) == 12 and max(batches) <= 6  # a batch stops growing once it reaches 4 rows
 
 
+def _thread_spy(det: Detector, threads: list[str]) -> Detector:
+    """``det``, noting in ``threads`` the name of the thread of every scoring call."""
+    import threading
+
+    class Spy(Detector):
+        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            threads.append(threading.current_thread().name)
+            return super().score_validated(x)
+
+    return Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
+
+
 def test_a_lone_small_request_is_scored_on_the_callers_thread(trained: TrainOutcome) -> None:
     """``alone=True`` (no other request in flight): a request of at most INLINE_ROWS rows is
     scored right away on the event loop's thread, with the queued path's results; a larger one,
@@ -204,13 +216,7 @@ def test_a_lone_small_request_is_scored_on_the_callers_thread(trained: TrainOutc
     assert trained.split.x_test is not None
     x = trained.split.x_test[:3]
     threads: list[str] = []
-
-    class Spy(Detector):
-        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
-            threads.append(threading.current_thread().name)
-            return super().score_validated(x)
-
-    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
+    spy = _thread_spy(det, threads)
     batches: list[int] = []
 
     async def main() -> list[dict[str, np.ndarray]]:
@@ -242,13 +248,7 @@ def test_the_same_clients_next_request_stays_inline(trained: TrainOutcome) -> No
     assert trained.split.x_test is not None
     x = trained.split.x_test[:1]
     threads: list[str] = []
-
-    class Spy(Detector):
-        def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
-            threads.append(threading.current_thread().name)
-            return super().score_validated(x)
-
-    spy = Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
+    spy = _thread_spy(det, threads)
     a, b = ("127.0.0.1", 50001), ("127.0.0.1", 50002)
 
     async def main() -> None:
