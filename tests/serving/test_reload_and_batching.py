@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,13 +193,15 @@ def test_batcher_caps_batch_size_and_reports_errors(trained: TrainOutcome) -> No
     assert sum(batches) == 12 and max(batches) <= 6  # a batch stops growing once it reaches 4 rows
 
 
-def _thread_spy(det: Detector, threads: list[str]) -> Detector:
-    """``det``, noting in ``threads`` the name of the thread of every scoring call."""
+def _thread_spy(det: Detector, threads: list[str], seconds: float = 0.0) -> Detector:
+    """``det``, noting in ``threads`` the name of the thread of every scoring call (which takes
+    at least ``seconds``)."""
     import threading
 
     class Spy(Detector):
         def score_validated(self, x: np.ndarray) -> dict[str, np.ndarray]:
             threads.append(threading.current_thread().name)
+            time.sleep(seconds)
             return super().score_validated(x)
 
     return Spy(det.model, det.calibration, det.input_spec, reference=det.reference, head=det.head)
@@ -248,14 +251,15 @@ def test_the_same_clients_next_request_stays_inline(trained: TrainOutcome) -> No
     assert trained.split.x_test is not None
     x = trained.split.x_test[:1]
     threads: list[str] = []
-    spy = _thread_spy(det, threads)
+    # each scoring takes 50 ms, so back-to-back requests surely come within one scoring time
+    # of the previous one's end, however busy the machine
+    spy = _thread_spy(det, threads, seconds=0.05)
     a, b = ("127.0.0.1", 50001), ("127.0.0.1", 50002)
 
     async def main() -> None:
         batcher = MicroBatcher(lambda: spy, max_wait=0.0)
         batcher.start()
         try:
-            # back to back: each comes well within one scoring time of the previous one's end
             for source in (a, a, a, b, None):
                 await batcher.submit(x, alone=True, source=source)
         finally:
