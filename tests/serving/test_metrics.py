@@ -114,3 +114,36 @@ def test_deferred_drift_blocks_equal_row_by_row() -> None:
     # blocks' last one at row 768, of the 400 before it
     assert blocks.ks == pytest.approx(ks_distance(stream[368:768], one.cal), abs=1e-12)
     assert one.ks == pytest.approx(ks_distance(stream[369:769], one.cal), abs=1e-12)
+
+
+def test_served_scores_reach_the_drift_gauges_within_the_flush_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A few scores, fewer than a block: the loop's timer runs them through the test after
+    FLUSH_SECONDS, with no scrape to force it; the gauges then count them."""
+    import asyncio
+
+    from detector.threshold import Calibration
+    from serving.metrics import DriftMonitor, Metrics
+
+    monkeypatch.setattr(DriftMonitor, "FLUSH_SECONDS", 0.02)
+    rng = np.random.default_rng(8)
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_model("v1", Calibration.fit(rng.normal(size=300), target_fpr=0.01))
+
+    async def main() -> tuple[int, int, float]:
+        for _ in range(5):
+            metrics.observe_scores(rng.normal(size=2), np.zeros(2, bool))
+        assert metrics.drift is not None
+        waiting = metrics.drift.pending_rows
+        await asyncio.sleep(0.1)
+        text = generate_latest(metrics.registry).decode()  # (not exposition(): it would flush)
+        return (
+            waiting,
+            metrics.drift.test.martingale.n,
+            _gauge(text, "vae_anomaly_drift_window_size"),
+        )
+
+    waiting, tested, window = asyncio.run(main())
+    assert waiting == 10  # queued, not yet tested
+    assert tested == 10 and window == 10.0  # the timer flushed them
