@@ -335,9 +335,11 @@ class Metrics:
         if self.score is not None:
             observe_many(self.score, scores)
         drift = self.drift
-        if drift is not None and drift.add(scores):
+        if drift is None:
+            return
+        if drift.add(scores):
             self.flush_drift()
-        elif drift is not None and self._flush_timer is None:
+        elif self._flush_timer is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no event loop (a test calling in directly): now

@@ -119,23 +119,25 @@ class _ClientProtocol(asyncio.Protocol):
                 self.done.set_exception(exc or ConnectionError("the server closed the connection"))
 
 
-def _worker_of(head: bytes) -> str | None:
-    """The worker that answered, from the response's request id (``serving.app.asgi``: a
-    per-process prefix of 8 hex digits, then a counter); None without one."""
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case) in a response head, or None."""
     for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"x-request-id":
-            rid = value.strip()
-            return rid[:8].decode("latin-1") if len(rid) == 16 else None
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
     return None
 
 
+def _worker_of(head: bytes) -> str | None:
+    """The worker that answered, from the response's request id (``serving.app.asgi``: a
+    per-process prefix of 8 hex digits, then a counter); None without one."""
+    rid = _header(head, b"x-request-id")
+    return rid[:8].decode("latin-1") if rid is not None and len(rid) == 16 else None
+
+
 def _content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
+    value = _header(head, b"content-length")
+    return 0 if value is None else int(value)
 
 
 async def _client(
