@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detector.errors import ConfigError
+from serving.listen import TABLE_ENV, ConnectionTable
 from serving.settings import ENV_PREFIX, Settings
 
 
@@ -76,6 +77,11 @@ def run(settings: Settings) -> None:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.mkdtemp(prefix="vae-anomaly-prom-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    # the workers' open connections, counted where each can see the others' (serving.listen)
+    table_dir = tempfile.mkdtemp(prefix="vae-anomaly-conns-")
+    table = os.path.join(table_dir, "connections")
+    ConnectionTable.create(table)
+    os.environ[TABLE_ENV] = table
     try:
         uvicorn.run(
             "serving.app:create_app_from_env",
@@ -84,8 +90,12 @@ def run(settings: Settings) -> None:
             # a new worker imports torch and loads the model before it is ready: give it time
             # before a rolling restart gives up on it (and keeps the old worker)
             timeout_worker_healthcheck=60,
+            # the workers share one socket: each takes a waiting connection only while it holds
+            # no more connections than the others (serving.listen)
+            loop="serving.listen:new_event_loop",
             **common,  # type: ignore[arg-type]
         )
     finally:
+        shutil.rmtree(table_dir, ignore_errors=True)
         if own_dir:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -149,6 +149,34 @@ def test_several_workers_report_all_metrics(trained: TrainOutcome) -> None:
         )
 
 
+def test_several_workers_share_a_burst_of_connections(trained: TrainOutcome) -> None:
+    """Keep-alive connections opened together spread over the workers (serving.listen): without
+    the shared count, the worker that woke first could take all of them."""
+    assert trained.path is not None
+    with LiveServer(trained.path, "--workers", "2") as srv:
+        ready, deadline = 0, time.monotonic() + 60
+        while ready < 20 and time.monotonic() < deadline:  # both workers up (see above)
+            with httpx.Client(base_url=srv.url, timeout=10) as fresh:
+                ready = ready + 1 if fresh.get("/readyz").status_code == 200 else 0
+        assert ready == 20, "the workers did not all become ready"
+        splits = []
+        for _ in range(3):
+            start = threading.Barrier(8)
+            clients = [httpx.Client(base_url=srv.url, timeout=10) for _ in range(8)]
+
+            def first_request(c: httpx.Client, start: threading.Barrier = start) -> str:
+                start.wait()
+                return c.get("/readyz").headers["x-request-id"][:8]  # the worker's prefix
+
+            with ThreadPoolExecutor(8) as pool:
+                workers = list(pool.map(first_request, clients))
+            splits.append(sorted(workers.count(w) for w in set(workers)))
+            for c in clients:
+                c.close()
+            time.sleep(0.2)  # the workers see the connections close
+    assert all(split in ([4, 4], [3, 5]) for split in splits), splits
+
+
 def _post_fresh(url: str, retried: list[str]) -> httpx.Response:
     """POST /score on a fresh connection (so any worker may answer), retried once on a transport
     error, as a load balancer retries an idempotent request: a worker that is shutting down closes
