@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from detector._io import process_alive
+
 log = logging.getLogger("uvicorn.error")
 
 TABLE_ENV = "VAE_ANOMALY_CONNECTION_TABLE"  # the table's file, set for the workers
@@ -43,16 +45,6 @@ DEFER_SECONDS = 0.0005  # a worker holding more connections than another looks a
 MAX_DEFER_SECONDS = 0.005  # ... and takes a connection no other worker took in this time
 RETRY_SECONDS = 1.0  # out of file descriptors or memory: stop accepting for this long (asyncio's)
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class ConnectionTable:
@@ -82,7 +74,7 @@ class ConnectionTable:
         try:
             for slot in range(SLOTS):
                 holder = self._ints[2 * slot]
-                if holder in (0, pid) or not _alive(holder):
+                if holder in (0, pid) or not process_alive(holder):
                     self._ints[2 * slot], self._ints[2 * slot + 1] = pid, 0
                     return slot
             return None
@@ -112,10 +104,15 @@ class ConnectionTable:
                 best = (ints[2 * other + 1], other)
         return best
 
+    def workers(self) -> list[tuple[int, int]]:
+        """(process id, open connections) of every worker in the table."""
+        ints = self._ints.tolist()
+        return [(ints[2 * i], ints[2 * i + 1]) for i in range(SLOTS) if ints[2 * i]]
+
     def forget_if_gone(self, slot: int) -> bool:
         """Free ``slot`` if its process is gone (killed without releasing it); True if freed."""
         holder = self._ints[2 * slot]
-        if holder and not _alive(holder):
+        if holder and not process_alive(holder):
             self._ints[2 * slot + 1] = 0
             self._ints[2 * slot] = 0
             return True
@@ -127,7 +124,8 @@ class ConnectionTable:
         os.close(self._fd)
 
 
-def _open_table() -> ConnectionTable | None:
+def open_table() -> ConnectionTable | None:
+    """The table named in ``TABLE_ENV``; None without one (or if it cannot be read)."""
     path = os.environ.get(TABLE_ENV)
     if not path:
         return None
@@ -284,7 +282,7 @@ def _balanced(base: type[asyncio.AbstractEventLoop]) -> type[asyncio.AbstractEve
                 return await super().create_server(
                     protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl, **kwargs
                 )
-            return Balanced(self, sock, protocol_factory, ssl, backlog, _open_table())
+            return Balanced(self, sock, protocol_factory, ssl, backlog, open_table())
 
     return BalancedLoop
 

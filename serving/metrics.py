@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from detector._io import process_alive
 from detector.drift import DEFAULT_ALPHA, DriftTest, alarm_level, ks_distance
 from detector.threshold import Calibration
+from serving.listen import ConnectionTable, open_table
 
 PREFIX = "vae_anomaly"
 ROUTES = ("/score", "/metadata", "/healthz", "/readyz", "/metrics", "/admin/reload")
@@ -126,6 +130,24 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     total.inc(float(v.sum()))
     for i in np.flatnonzero(counts).tolist():
         buckets[i].inc(int(counts[i]))
+
+
+class WorkerConnections(Collector):
+    """``vae_anomaly_worker_connections{pid}``: each worker's open HTTP connections, read at the
+    scrape from the balanced listener's shared table (several workers; ``serving.listen``)."""
+
+    def __init__(self, table: ConnectionTable) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_worker_connections",
+            "Open HTTP connections held by each worker process (several workers).",
+            labels=["pid"],
+        )
+        for pid, connections in self.table.workers():
+            family.add_metric([str(pid)], connections)
+        yield family
 
 
 class DriftMonitor:
@@ -289,6 +311,7 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._connections: ConnectionTable | None = None  # several workers: opened at a scrape
         for route in (*ROUTES, *V2_ROUTES):
             method = "POST" if route in ("/score", "/admin/reload", V2_INFER) else "GET"
             self.request_latency.labels(route, method)
@@ -381,5 +404,9 @@ class Metrics:
             forget_dead_workers()
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            if self._connections is None:
+                self._connections = open_table()
+            if self._connections is not None:
+                registry.register(WorkerConnections(self._connections))
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from serving import listen
+from serving.metrics import WorkerConnections
 
 
 class Echo(asyncio.Protocol):
@@ -199,6 +202,13 @@ def test_the_table_counts_each_workers_connections(tmp_path: Path) -> None:
         other.add(3)
         table.add(mine, 2)
         assert table.count(mine) == 2 and table.least_loaded(mine) == (3, 1)
+        assert table.workers() == [(os.getpid(), 2), (other.proc.pid, 3)]
+        # what /metrics reports of it (several workers)
+        registry = CollectorRegistry()
+        registry.register(WorkerConnections(table))
+        text = generate_latest(registry).decode()
+        assert f'vae_anomaly_worker_connections{{pid="{os.getpid()}"}} 2.0' in text
+        assert f'vae_anomaly_worker_connections{{pid="{other.proc.pid}"}} 3.0' in text
         other.add(-3)
         assert table.least_loaded(mine) == (0, 1)
         assert not table.forget_if_gone(other.slot)  # alive: kept

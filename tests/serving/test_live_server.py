@@ -171,6 +171,9 @@ def test_several_workers_share_a_burst_of_connections(trained: TrainOutcome) -> 
             with ThreadPoolExecutor(8) as pool:
                 workers = list(pool.map(first_request, clients))
             splits.append(sorted(workers.count(w) for w in set(workers)))
+            # /metrics (on one of the 8) counts each worker's open connections: 8 in all
+            text = clients[0].get("/metrics").text
+            assert _metric(text, "vae_anomaly_worker_connections") == 8
             for c in clients:
                 c.close()
             time.sleep(0.2)  # the workers see the connections close
