@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,14 @@ async def _talk(port: int, text: bytes) -> bytes:
     return got
 
 
+def _run_on_our_loop(coro: Coroutine[Any, Any, None]) -> None:
+    loop = listen.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 def test_a_shared_socket_is_served_one_connection_per_wake_up() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -74,11 +82,7 @@ def test_a_shared_socket_is_served_one_connection_per_wake_up() -> None:
             c.close()
         sock.close()
 
-    loop = listen.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_on_our_loop(main())
 
 
 def test_a_server_of_its_own_is_the_stock_one() -> None:
@@ -91,11 +95,7 @@ def test_a_server_of_its_own_is_the_stock_one() -> None:
         finally:
             server.close()
 
-    loop = listen.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_on_our_loop(main())
 
 
 def test_out_of_descriptors_pauses_accepting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,11 +134,7 @@ def test_out_of_descriptors_pauses_accepting(monkeypatch: pytest.MonkeyPatch) ->
         client.close()
         sock.close()
 
-    loop = listen.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_on_our_loop(main())
 
 
 _WORKER = """
@@ -278,12 +274,8 @@ def test_a_worker_holding_more_connections_leaves_new_ones_to_the_others(
         server.close()
         assert server.slot is None  # left the table: the others no longer wait for it
 
-    loop = listen.new_event_loop()
-    try:
-        with other_worker(path) as other:
-            loop.run_until_complete(main(other))
-    finally:
-        loop.close()
+    with other_worker(path) as other:
+        _run_on_our_loop(main(other))
 
 
 def test_without_a_table_connections_are_taken_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,8 +291,4 @@ def test_without_a_table_connections_are_taken_at_once(monkeypatch: pytest.Monke
         server.close()
         sock.close()
 
-    loop = listen.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_on_our_loop(main())
