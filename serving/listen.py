@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -37,12 +36,18 @@ from typing import Any
 
 from detector._io import process_alive
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: slots are claimed without a lock
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("uvicorn.error")
 
 TABLE_ENV = "VAE_ANOMALY_CONNECTION_TABLE"  # the table's file, set for the workers
 SLOTS = 64  # workers the table can count (more are served, unbalanced)
 DEFER_SECONDS = 0.0005  # a worker holding more connections than another looks again after this
 MAX_DEFER_SECONDS = 0.005  # ... and takes a connection no other worker took in this time
+WAIT_GAP_SECONDS = 0.05  # looks further apart than this belong to different waits
 RETRY_SECONDS = 1.0  # out of file descriptors or memory: stop accepting for this long (asyncio's)
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -70,7 +75,8 @@ class ConnectionTable:
         """A free slot for this process (one whose process is gone counts as free); None if
         every slot is held."""
         pid = os.getpid()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             for slot in range(SLOTS):
                 holder = self._ints[2 * slot]
@@ -79,7 +85,8 @@ class ConnectionTable:
                     return slot
             return None
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def release(self, slot: int) -> None:
         self._ints[2 * slot + 1] = 0
@@ -136,6 +143,15 @@ def open_table() -> ConnectionTable | None:
         return None
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether a connection waits on the listening ``sock`` (poll: any descriptor number)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])  # pragma: no cover - Windows
+
+
 class Balanced:
     """Accept on ``sock`` at most one connection per readiness callback, when this worker's turn
     (above), and hand it to the loop as an accepted socket. Offers what uvicorn uses of an
@@ -157,6 +173,7 @@ class Balanced:
         self.table = table
         self.slot = table.claim() if table is not None else None
         self._deferred_since: float | None = None  # this wait for another worker began then
+        self._deferred_last = 0.0  # ... and last looked at the socket then
         sock.setblocking(False)
         sock.listen(backlog)
         loop.add_reader(sock.fileno(), self._accept)
@@ -171,8 +188,11 @@ class Balanced:
         if self.table.forget_if_gone(least[1]):  # a worker killed without releasing its slot
             return self._my_turn()
         now = self.loop.time()
-        if self._deferred_since is None:
+        # a new wait, unless this one follows the last look (another worker may have taken the
+        # connection the last wait was for, after the socket was last seen readable)
+        if self._deferred_since is None or now - self._deferred_last > WAIT_GAP_SECONDS:
             self._deferred_since = now
+        self._deferred_last = now
         return now - self._deferred_since >= MAX_DEFER_SECONDS  # nobody took it: take it
 
     def _accept(self) -> None:
@@ -243,7 +263,7 @@ class Balanced:
         connection), the wait is over."""
         if self.closed:
             return
-        if not select.select([self.sock], [], [], 0)[0]:
+        if not _readable(self.sock):
             self._deferred_since = None
         self.loop.add_reader(self.sock.fileno(), self._accept)
 

@@ -258,10 +258,16 @@ def test_a_worker_holding_more_connections_leaves_new_ones_to_the_others(
         # level with the other worker (0 and 0): this one takes a connection at once
         clients.append(socket.create_connection(("127.0.0.1", port)))
         assert await accepted(server, 1, 2.0)
-        # one more than the other: the next connection waits for it ...
+        # one more than the other: the next connection waits for it, and the other takes it
         clients.append(socket.create_connection(("127.0.0.1", port)))
         assert not await accepted(server, 2, 0.15)
-        # ... and is taken here after MAX_DEFER_SECONDS, as the other never takes it
+        taken, _ = server.sock.accept()  # (as the other worker would)
+        clients.append(taken)
+        await asyncio.sleep(listen.WAIT_GAP_SECONDS + 0.02)
+        assert server.table.count(server.slot) == 1
+        # a connection the other never takes is taken here after MAX_DEFER_SECONDS
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        assert not await accepted(server, 2, 0.15)
         assert await accepted(server, 2, 2.0)
         # the other worker holds more: a new connection is taken at once
         other.add(5)
