@@ -270,3 +270,39 @@ def test_the_same_clients_next_request_stays_inline(trained: TrainOutcome) -> No
     # a (nothing before it); a again, and again; b hard on a's end: queued; then a request of
     # unknown connection hard on b's end: queued
     assert inline == [True, True, True, False, False]
+
+
+def test_a_batch_gathers_requests_a_few_loop_turns_behind_it(trained: TrainOutcome) -> None:
+    """With no wait on a clock (max_wait 0), a batch still takes in requests that reach the
+    queue within GATHER_TURNS turns of the event loop (as a request whose bytes are already in
+    its socket does); without those turns the first is scored as it comes."""
+    from serving.batcher import GATHER_TURNS
+
+    det = trained.detector
+    assert trained.split.x_test is not None
+    x = trained.split.x_test[:1]
+
+    async def late(batcher: MicroBatcher, turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await batcher.submit(x)
+
+    async def batches(gather_turns: int) -> list[int]:
+        sizes: list[int] = []
+        batcher = MicroBatcher(
+            lambda: det,
+            max_wait=0.0,
+            gather_turns=gather_turns,
+            on_batch=lambda n, s: sizes.append(n),
+        )
+        batcher.start()
+        try:
+            await asyncio.gather(late(batcher, 0), late(batcher, 2), late(batcher, GATHER_TURNS))
+        finally:
+            await batcher.stop()
+        return sizes
+
+    assert asyncio.run(batches(GATHER_TURNS)) == [3]
+    # without: the first is scored alone (the others queue while it runs, and may pair up)
+    without = asyncio.run(batches(0))
+    assert without[0] == 1 and sum(without) == 3
