@@ -74,7 +74,8 @@ def _queried_metrics() -> set[str]:
 @pytest.mark.slow
 def test_dashboard_and_rules_use_only_exported_metrics(trained: TrainOutcome) -> None:
     assert trained.path is not None
-    with LiveServer(trained.path) as srv:
+    # two workers: the per-worker connection gauge exists only then
+    with LiveServer(trained.path, "--workers", "2") as srv:
         assert httpx.post(srv.url + "/score", json={"instances": [[0.1] * 64]}).status_code == 200
         assert httpx.post(srv.url + "/score", json={"instances": [[0.1] * 3]}).status_code == 422
         text = httpx.get(srv.url + "/metrics").text
