@@ -101,15 +101,8 @@ class ConnectionTable:
     def least_loaded(self, slot: int) -> tuple[int, int] | None:
         """(connections, slot) of the least loaded other worker; None if there is none."""
         ints = self._ints.tolist()
-        best: tuple[int, int] | None = None
-        for other in range(SLOTS):
-            if (
-                other != slot
-                and ints[2 * other]
-                and (best is None or ints[2 * other + 1] < best[0])
-            ):
-                best = (ints[2 * other + 1], other)
-        return best
+        others = ((ints[2 * i + 1], i) for i in range(SLOTS) if i != slot and ints[2 * i])
+        return min(others, default=None)
 
     def workers(self) -> list[tuple[int, int]]:
         """(process id, open connections) of every worker in the table."""
@@ -120,8 +113,7 @@ class ConnectionTable:
         """Free ``slot`` if its process is gone (killed without releasing it); True if freed."""
         holder = self._ints[2 * slot]
         if holder and not process_alive(holder):
-            self._ints[2 * slot + 1] = 0
-            self._ints[2 * slot] = 0
+            self.release(slot)
             return True
         return False
 
@@ -244,19 +236,18 @@ class Balanced:
             protocol.connection_lost = connection_lost  # type: ignore[method-assign]
             return protocol
 
+        served = False
         try:
             await self.loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
-        except asyncio.CancelledError:
-            conn.close()
-            uncount()
-            raise
+            served = True
         except OSError:  # a TLS handshake that failed, a reset
-            conn.close()
-            uncount()
+            pass
         except Exception:  # one connection's failure must not stop the others
             log.exception("setting up an accepted connection failed")
-            conn.close()
-            uncount()
+        finally:  # (cancelled too)
+            if not served:
+                conn.close()
+                uncount()
 
     def _look_again(self) -> None:
         """After a deferral: watch the socket again; if nothing waits (another worker took the
