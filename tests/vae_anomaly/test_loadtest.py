@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -11,12 +12,20 @@ import time
 
 import pytest
 
+from detector.errors import ConfigError
 from vae_anomaly.bench.loadtest import (
     _client,
     _content_length,
     _worker_of,
+    placement,
     process_tree_cpu,
     spread,
+)
+from vae_anomaly.bench.process import ServerProcess, check_cpus, cpu_affinity
+from vae_anomaly.cli._common import cpu_list
+
+linux_affinity = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's"
 )
 
 
@@ -97,9 +106,51 @@ def test_process_tree_cpu_counts_grandchildren() -> None:
     assert process_tree_cpu(parent.pid) is None  # gone
 
 
+def test_cpu_lists_read_as_taskset_writes_them() -> None:
+    assert cpu_list("0-2,5") == (0, 1, 2, 5)
+    assert cpu_list("3") == (3,)
+    for bad in ("", "a", "-1", "2-0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_list(bad)
+
+
+@linux_affinity
+def test_cpu_sets_are_checked_and_inherited_by_the_server_only() -> None:
+    """A server started on a CPU set keeps it (its workers would inherit it); the load
+    generator's thread is back on all its CPUs afterwards; a CPU this process may not use is
+    refused by name before anything starts."""
+    allowed = os.sched_getaffinity(0)
+    one = min(allowed)
+    with pytest.raises(ConfigError, match=f"CPU {max(allowed) + 1} is not one"):
+        check_cpus([one, max(allowed) + 1], "server CPUs")
+    with pytest.raises(ConfigError, match="no CPUs"):
+        check_cpus([], "client CPUs")
+    assert check_cpus([one], "server CPUs") == {one}
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    server = ServerProcess("unused", command=sleeper, cpus={one})
+    try:
+        assert os.sched_getaffinity(server.proc.pid) == {one}
+        assert os.sched_getaffinity(0) == allowed  # restored here
+        with cpu_affinity({one}):
+            assert os.sched_getaffinity(0) == {one}
+        assert os.sched_getaffinity(0) == allowed
+    finally:
+        server.stop()
+
+
+def test_placement_says_whether_the_client_shares_the_servers_cpus() -> None:
+    assert placement({"server_cpus": [0, 1], "client_cpus": [2]}) == (
+        "servers on CPUs 0,1, load generator on CPU 2"
+    )
+    assert "they share CPUs" in placement({"server_cpus": [0, 1], "client_cpus": [1]})
+    assert "they share CPUs" in placement({"server_cpus": None, "client_cpus": None})
+
+
 @pytest.mark.slow
 def test_loadtest_measures_both_protocols_and_the_bare_endpoint(trained) -> None:  # type: ignore[no-untyped-def]
     from vae_anomaly.bench.loadtest import markdown, run_loadtest
+
+    linux = hasattr(os, "sched_setaffinity")
 
     report = run_loadtest(
         str(trained.path),
@@ -109,7 +160,12 @@ def test_loadtest_measures_both_protocols_and_the_bare_endpoint(trained) -> None
         seconds=0.4,
         warmup=0.1,
         peers=(1,),
+        server_cpus=tuple(sorted(os.sched_getaffinity(0))) if linux else None,
+        client_cpus=(min(os.sched_getaffinity(0)),) if linux else None,
     )
+    if linux:
+        assert report["client_cpus"] == [min(os.sched_getaffinity(0))]
+        assert report["server_cpus"] == sorted(os.sched_getaffinity(0))
     rows = {(r["server"], r["scenario"]) for r in report["results"]}
     assert rows == {
         ("vae-anomaly", "json, 1 instance"),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import load as load_artifact
-from vae_anomaly.bench.process import ServerProcess
+from vae_anomaly.bench.process import ServerProcess, check_cpus, cpu_affinity
 
 
 @dataclass
@@ -283,9 +283,15 @@ def run_loadtest(
     protocols: tuple[str, ...] = ("score", "v2"),
     peers: tuple[int, ...] = (),
     rounds: int = 1,
+    server_cpus: tuple[int, ...] | None = None,
+    client_cpus: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """``data``: samples to send (N, ...) in the model's input space; None = uniform noise.
-    ``peers``: worker counts of bare endpoints to measure beside the service (``peer``)."""
+    ``peers``: worker counts of bare endpoints to measure beside the service (``peer``).
+    ``server_cpus`` / ``client_cpus``: the CPUs every server (its workers too) and this load
+    generator run on (None: any); disjoint sets keep the client's CPU out of the servers'."""
+    servers_on = None if server_cpus is None else check_cpus(server_cpus, "server CPUs")
+    client_on = None if client_cpus is None else check_cpus(client_cpus, "client CPUs")
     art = load_artifact(model_dir)  # verify before starting anything
     spec = art.input_spec
     if spec.schema is not None:  # a table's v2 inputs are its columns; /score takes its rows
@@ -321,6 +327,7 @@ def run_loadtest(
             "warning",
             *server_args,
             env={"VAE_ANOMALY_ACCESS_LOG": "false"},
+            cpus=servers_on,
         )
     }
     for w in peers:
@@ -328,7 +335,7 @@ def run_loadtest(
         command += ["--port", "{port}", "--workers", str(w), "--log-level", "warning"]
         command += ["--no-access-log"]
         servers[peer_name(w)] = ServerProcess(
-            model_dir, command=command, env={"PEER_MODEL_DIR": str(model_dir)}
+            model_dir, command=command, env={"PEER_MODEL_DIR": str(model_dir)}, cpus=servers_on
         )
     results: list[Result] = []
     try:
@@ -348,18 +355,19 @@ def run_loadtest(
             (f"npy, {npy_instances} instances", npy_instances, npy_body, NPY, "/score", c, [OURS])
             for c in npy_concurrency
         ]
-        for r in range(rounds):
-            for name, n_inst, body, ctype, path, c, takers in scenarios:
-                for who in takers:  # every server in turn: side by side under the same load
-                    server = servers[who]
-                    request = _request(server.port, body, ctype, path)
-                    measured = _run(
-                        loop_policy,
-                        _scenario(server.port, request, c, seconds, warmup, server.proc.pid),
-                    )
-                    results.append(_summarise(who, r, name, c, n_inst, measured))
-                    if log:
-                        log(_row(results[-1]))
+        with cpu_affinity(client_on):
+            for r in range(rounds):
+                for name, n_inst, body, ctype, path, c, takers in scenarios:
+                    for who in takers:  # every server in turn: side by side under the same load
+                        server = servers[who]
+                        request = _request(server.port, body, ctype, path)
+                        measured = _run(
+                            loop_policy,
+                            _scenario(server.port, request, c, seconds, warmup, server.proc.pid),
+                        )
+                        results.append(_summarise(who, r, name, c, n_inst, measured))
+                        if log:
+                            log(_row(results[-1]))
     finally:
         for server in servers.values():
             server.stop()
@@ -369,6 +377,8 @@ def run_loadtest(
         "model_version": art.model_version,
         "input_shape": list(spec.shape),
         "server_args": list(server_args),
+        "server_cpus": None if servers_on is None else sorted(servers_on),
+        "client_cpus": None if client_on is None else sorted(client_on),
         "seconds_per_scenario": seconds,
         "rounds": rounds,
         "results": [asdict(r) for r in results],
@@ -449,8 +459,25 @@ def _row(r: Result) -> str:
     )
 
 
+def placement(report: dict[str, Any]) -> str:
+    """Where the servers and the load generator ran, in words."""
+
+    def on(cpus: list[int] | None) -> str:
+        if cpus is None:
+            return "on any CPU"
+        return f"on CPU{'s' if len(cpus) > 1 else ''} {','.join(map(str, cpus))}"
+
+    server, client = report.get("server_cpus"), report.get("client_cpus")
+    text = f"servers {on(server)}, load generator {on(client)}"
+    if server is None or client is None or set(server) & set(client):
+        text += " (they share CPUs: the load generator's own work counts in the latencies)"
+    return text
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = [
+        f"Servers: {' '.join(report.get('server_args', [])) or 'defaults'}; {placement(report)}.",
+        "",
         "| server | scenario | clients | req/s | instances/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request | connections per worker |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

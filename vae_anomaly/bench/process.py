@@ -6,6 +6,7 @@ Used by the load benchmark, the integration tests and the dashboard preview: sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,16 +16,49 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from detector.errors import VAEAnomalyError
+from detector.errors import ConfigError, VAEAnomalyError
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def check_cpus(cpus: Collection[int], what: str) -> frozenset[int]:
+    """``cpus`` as a set, if this process may run on all of them (Linux); a clear error if not."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError(f"{what}: setting CPU affinity needs Linux")
+    allowed = os.sched_getaffinity(0)
+    chosen = frozenset(cpus)
+    if not chosen:
+        raise ConfigError(f"{what}: no CPUs given")
+    outside = sorted(chosen - allowed)
+    if outside:
+        raise ConfigError(
+            f"{what}: CPU {outside[0]} is not one this process may use "
+            f"({','.join(map(str, sorted(allowed)))})"
+        )
+    return chosen
+
+
+@contextlib.contextmanager
+def cpu_affinity(cpus: Collection[int] | None) -> Iterator[None]:
+    """The block runs on ``cpus`` only (None: unchanged), then the calling thread's CPUs are
+    restored; processes started inside keep the set, and so do their children (Linux)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class ServerProcess:
@@ -36,8 +70,10 @@ class ServerProcess:
         *args: str,
         env: dict[str, str] | None = None,
         command: list[str] | None = None,
+        cpus: Collection[int] | None = None,
     ) -> None:
-        """``command``: another server to run instead (``{port}`` in it becomes the port)."""
+        """``command``: another server to run instead (``{port}`` in it becomes the port);
+        ``cpus``: the only CPUs the server and its workers may run on (None: any)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if command is not None:
@@ -48,9 +84,10 @@ class ServerProcess:
         fd, log = tempfile.mkstemp(prefix=f"vae-anomaly-serve-{self.port}-", suffix=".log")
         self.log_path = Path(log)
         self._log = os.fdopen(fd, "w")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        with cpu_affinity(cpus):  # inherited at the fork, before the server runs anything
+            self.proc = subprocess.Popen(
+                cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

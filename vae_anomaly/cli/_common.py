@@ -53,8 +53,8 @@ def int_list(s: str) -> tuple[int, ...]:
     return vals
 
 
-def class_list(s: str) -> tuple[int, ...]:
-    """'0-9', '0,2,5' or '3'."""
+def _int_ranges(s: str, what: str) -> tuple[int, ...]:
+    """'0-9', '0,2,5', '0-3,6' or '3' as the integers, in order, once each."""
     out: list[int] = []
     try:
         for part in s.split(","):
@@ -64,10 +64,20 @@ def class_list(s: str) -> tuple[int, ...]:
             elif part.strip():
                 out.append(int(part))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected classes like 0-9 or 0,2,5, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what} like 0-9 or 0,2,5, got {s!r}") from None
     if not out:
-        raise argparse.ArgumentTypeError(f"no classes in {s!r}")
+        raise argparse.ArgumentTypeError(f"no {what} in {s!r}")
     return tuple(dict.fromkeys(out))
+
+
+def class_list(s: str) -> tuple[int, ...]:
+    """'0-9', '0,2,5' or '3'."""
+    return _int_ranges(s, "classes")
+
+
+def cpu_list(s: str) -> tuple[int, ...]:
+    """CPU numbers as taskset takes them: '0-3', '0,2' or '1'."""
+    return _int_ranges(s, "CPUs")
 
 
 def sigma_arg(s: str) -> float | None:

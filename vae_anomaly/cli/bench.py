@@ -14,6 +14,7 @@ from vae_anomaly.cli._common import (
     add_model_args,
     auto_share_arg,
     class_list,
+    cpu_list,
     echo,
     int_list,
     model_options,
@@ -213,6 +214,19 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
     lt.add_argument(
         "--rounds", type=positive_int, default=1, help="times every scenario is measured"
     )
+    lt.add_argument(
+        "--server-cpus",
+        type=cpu_list,
+        help="CPUs the servers (and their workers) may run on, e.g. 0-3 or 0,2 (Linux); "
+        "default: any",
+    )
+    lt.add_argument(
+        "--client-cpus",
+        type=cpu_list,
+        help="CPUs this load generator runs on (Linux); default: any. With --server-cpus, "
+        "disjoint sets keep the client's own CPU time out of the server's latencies, as a load "
+        "generator on another machine would: e.g. --workers 2 --server-cpus 0,1 --client-cpus 2",
+    )
     lt.add_argument("--out", help="write the report as JSON here (and Markdown beside it)")
 
     # -- drift-benchmark ----------------------------------------------------------------------
@@ -358,7 +372,13 @@ def run_batch_benchmark(args: argparse.Namespace) -> int:
 def run_loadtest(args: argparse.Namespace) -> int:
     from detector._io import atomic_output, write_json
     from detector.errors import ConfigError
-    from vae_anomaly.bench.loadtest import HEADER, markdown, ratio_markdown, run_loadtest
+    from vae_anomaly.bench.loadtest import (
+        HEADER,
+        markdown,
+        placement,
+        ratio_markdown,
+        run_loadtest,
+    )
 
     unknown = set(args.protocols) - {"score", "v2"}
     if unknown or not args.protocols:
@@ -390,9 +410,14 @@ def run_loadtest(args: argparse.Namespace) -> int:
         protocols=args.protocols,
         peers=(1, 2) if args.peer else (),
         rounds=args.rounds,
+        server_cpus=args.server_cpus,
+        client_cpus=args.client_cpus,
     )
     m = report["machine"]
-    echo(f"machine: {m['cpu']}, {m['cpus_usable']} usable CPUs; server {' '.join(server_args)}")
+    echo(
+        f"machine: {m['cpu']}, {m['cpus_usable']} usable CPUs; server {' '.join(server_args)}; "
+        f"{placement(report)}"
+    )
     if report["ratios"]:
         echo("")
         echo(ratio_markdown(report["ratios"]))
