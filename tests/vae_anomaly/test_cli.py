@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,13 @@ def test_every_command_line_in_the_docs_uses_options_that_exist() -> None:
                     assert opt in known, f"{page.name}: vae-anomaly {command} has no {opt}"
                     checked += 1
     assert checked > 30
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_loadtest_refuses_a_cpu_it_may_not_use_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    beyond = str(max(os.sched_getaffinity(0)) + 1)
+    code, out, err = _run(capsys, "loadtest", "--model", str(tmp_path), "--client-cpus", beyond)
+    assert code == 1 and f"client CPUs: CPU {beyond} is not one this process may use" in err
+    assert out == ""  # no table header: nothing started

@@ -379,11 +379,15 @@ def run_loadtest(args: argparse.Namespace) -> int:
         ratio_markdown,
         run_loadtest,
     )
+    from vae_anomaly.bench.process import check_cpus
 
     unknown = set(args.protocols) - {"score", "v2"}
     if unknown or not args.protocols:
         raise ConfigError(f"--protocols takes score and v2, got {','.join(args.protocols)}")
 
+    for cpus, what in ((args.server_cpus, "server CPUs"), (args.client_cpus, "client CPUs")):
+        if cpus is not None:  # before the table's header
+            check_cpus(cpus, what)
     server_args = ["--workers", str(args.workers)]
     if args.max_wait_ms is not None:
         server_args += ["--max-wait-ms", str(args.max_wait_ms)]
