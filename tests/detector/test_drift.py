@@ -3,11 +3,17 @@ an alarm soon after a change."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 
+import detector.drift as drift_module
 from detector.drift import (
     DriftTest,
     OnlineConformal,
@@ -145,3 +151,67 @@ def test_a_contamination_raises_the_alarm() -> None:
     t = DriftTest(cal)
     t.update(s)
     assert t.summary()["alarm"] and t.summary()["first_alarm_at_row"] > 200
+
+
+class _Held(Executor):
+    """Runs what it is given only when told to: merges stay pending across many blocks."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        self.waiting.append((f, fn, args))
+        return f
+
+    def run_all(self) -> None:
+        for f, fn, args in self.waiting:
+            f.set_result(fn(*args))
+        self.waiting = []
+
+
+def test_background_merges_change_no_p_value() -> None:
+    """A service's bag merges its large arrays in the background (the event loop never sorts a
+    long stream); until a merge is done its two arrays are searched as they are. Every p-value is
+    the one the calling thread's merges give, bit for bit, whether the merge is pending over many
+    blocks or done at once, and the bag ends the same."""
+    rng = np.random.default_rng(5)
+    cal = np.sort(rng.normal(size=300))
+    held = _Held()
+    here, pending = OnlineConformal(cal, seed=3), OnlineConformal(cal, seed=3, background=held)
+    here.BACKGROUND_ROWS = pending.BACKGROUND_ROWS = 64
+    submitted = 0
+    for step in range(400):
+        block = rng.normal(size=int(rng.integers(1, 40))).round(2)  # ties too
+        assert np.array_equal(here.p_values(block), pending.p_values(block))
+        submitted = max(submitted, len(held.waiting))
+        if step % 9 == 8:
+            held.run_all()
+    assert submitted == 1  # one merge at a time, and there were some
+    assert pending.size == here.size
+    assert np.array_equal(pending.sorted_bag(), here.sorted_bag())
+    while held.waiting:  # merges done: the arrays' sizes are geometric again
+        held.run_all()
+        pending._settle()
+    sizes = [a.size for a in pending.levels]
+    assert all(big > 4 * small for big, small in itertools.pairwise(sizes))
+
+
+def test_the_calling_thread_never_runs_a_large_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    merges: list[tuple[str, int]] = []
+    real = drift_module._merge
+
+    def recorded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        merges.append((threading.current_thread().name, a.size + b.size))
+        return real(a, b)
+
+    monkeypatch.setattr(drift_module, "_merge", recorded)
+    rng = np.random.default_rng(6)
+    with ThreadPoolExecutor(1, thread_name_prefix="merges") as pool:
+        bag = OnlineConformal(np.sort(rng.normal(size=100)), background=pool)
+        bag.BACKGROUND_ROWS = 500
+        for _ in range(300):
+            bag.p_values(rng.normal(size=20))
+    mine = [n for who, n in merges if not who.startswith("merges")]
+    assert mine and max(mine) < 500
+    assert any(who.startswith("merges") for who, _ in merges)
