@@ -98,16 +98,18 @@ class ConnectionTable:
     def count(self, slot: int) -> int:
         return self._ints[2 * slot + 1]
 
+    def _held(self) -> list[tuple[int, int, int]]:
+        """(slot, process id, connections) of every held slot, read at once."""
+        ints = self._ints.tolist()
+        return [(i, ints[2 * i], ints[2 * i + 1]) for i in range(SLOTS) if ints[2 * i]]
+
     def least_loaded(self, slot: int) -> tuple[int, int] | None:
         """(connections, slot) of the least loaded other worker; None if there is none."""
-        ints = self._ints.tolist()
-        others = ((ints[2 * i + 1], i) for i in range(SLOTS) if i != slot and ints[2 * i])
-        return min(others, default=None)
+        return min(((n, i) for i, _, n in self._held() if i != slot), default=None)
 
     def workers(self) -> list[tuple[int, int]]:
         """(process id, open connections) of every worker in the table."""
-        ints = self._ints.tolist()
-        return [(ints[2 * i], ints[2 * i + 1]) for i in range(SLOTS) if ints[2 * i]]
+        return [(pid, n) for _, pid, n in self._held()]
 
     def forget_if_gone(self, slot: int) -> bool:
         """Free ``slot`` if its process is gone (killed without releasing it); True if freed."""

@@ -289,9 +289,12 @@ def run_loadtest(
     """``data``: samples to send (N, ...) in the model's input space; None = uniform noise.
     ``peers``: worker counts of bare endpoints to measure beside the service (``peer``).
     ``server_cpus`` / ``client_cpus``: the CPUs every server (its workers too) and this load
-    generator run on (None: any); disjoint sets keep the client's CPU out of the servers'."""
+    generator run on (None: any); disjoint sets keep the client's CPU out of the servers'.
+    ``log``: takes the table's header, once the arguments are checked, then each row."""
     servers_on = None if server_cpus is None else check_cpus(server_cpus, "server CPUs")
     client_on = None if client_cpus is None else check_cpus(client_cpus, "client CPUs")
+    if log:
+        log(HEADER)
     art = load_artifact(model_dir)  # verify before starting anything
     spec = art.input_spec
     if spec.schema is not None:  # a table's v2 inputs are its columns; /score takes its rows

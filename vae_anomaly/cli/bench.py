@@ -372,26 +372,15 @@ def run_batch_benchmark(args: argparse.Namespace) -> int:
 def run_loadtest(args: argparse.Namespace) -> int:
     from detector._io import atomic_output, write_json
     from detector.errors import ConfigError
-    from vae_anomaly.bench.loadtest import (
-        HEADER,
-        markdown,
-        placement,
-        ratio_markdown,
-        run_loadtest,
-    )
-    from vae_anomaly.bench.process import check_cpus
+    from vae_anomaly.bench.loadtest import markdown, placement, ratio_markdown, run_loadtest
 
     unknown = set(args.protocols) - {"score", "v2"}
     if unknown or not args.protocols:
         raise ConfigError(f"--protocols takes score and v2, got {','.join(args.protocols)}")
 
-    for cpus, what in ((args.server_cpus, "server CPUs"), (args.client_cpus, "client CPUs")):
-        if cpus is not None:  # before the table's header
-            check_cpus(cpus, what)
     server_args = ["--workers", str(args.workers)]
     if args.max_wait_ms is not None:
         server_args += ["--max-wait-ms", str(args.max_wait_ms)]
-    echo(HEADER)
     data = None
     if args.data == "mnist":
         from training.data import load_mnist
