@@ -15,12 +15,17 @@ import pytest
 
 import detector.drift as drift_module
 from detector.drift import (
+    HUGE,
+    MAX_DISTINCT,
+    SIGNIFICANT_BITS,
+    TINY,
     DriftTest,
     OnlineConformal,
     SimpleJumper,
     alarm_level,
     ks_distance,
     ks_statistic,
+    quantise,
 )
 
 
@@ -189,7 +194,8 @@ def test_background_merges_change_no_p_value() -> None:
             held.run_all()
     assert submitted == 1  # one merge at a time, and there were some
     assert pending.size == here.size
-    assert np.array_equal(pending.sorted_bag(), here.sorted_bag())
+    for mine, theirs in zip(pending.bag(), here.bag(), strict=True):
+        assert np.array_equal(mine, theirs)
     while held.waiting:  # merges done: the arrays' sizes are geometric again
         held.run_all()
         pending._settle()
@@ -215,3 +221,56 @@ def test_the_calling_thread_never_runs_a_large_merge(monkeypatch: pytest.MonkeyP
     mine = [n for who, n in merges if not who.startswith("merges")]
     assert mine and max(mine) < 500
     assert any(who.startswith("merges") for who, _ in merges)
+
+
+def test_rounding_keeps_the_order_and_the_precision() -> None:
+    rng = np.random.default_rng(7)
+    # a heavy tail over 60 orders of magnitude, both signs, and the edges
+    x = rng.standard_cauchy(200_000) * 10.0 ** rng.integers(-30, 30, 200_000)
+    x = np.sort(np.concatenate([x, [0.0, -0.0, TINY, -TINY, HUGE, -HUGE, 1e300, -1e300]]))
+    q = quantise(x)
+    assert (np.diff(q) >= 0).all()  # non-decreasing: a conformity score in its own right
+    assert np.array_equal(quantise(q), q)
+    kept = (np.abs(x) >= TINY) & (np.abs(x) <= HUGE)
+    assert (np.abs(q - x)[kept] <= np.abs(x[kept]) * 2.0**-SIGNIFICANT_BITS).all()
+    assert (q[np.abs(x) < TINY] == 0).all() and np.abs(q).max() == HUGE
+    assert quantise([-1000.1, -1000.13]).tolist() == [-1000.0, -1000.25]  # steps of 0.25 there
+    # every value the rounding can give: 2048 a binade from TINY to HUGE, both signs, and 0
+    steps = np.arange(2048, 4096) / 4096.0
+    grid = np.ldexp(steps[None, :], np.arange(-23, 65)[:, None]).ravel()
+    assert np.array_equal(quantise(grid), grid)
+    assert 2 * (grid.size + 1) + 1 == MAX_DISTINCT
+
+
+def test_p_values_are_the_rounded_scores_conformal_p_values() -> None:
+    """Row by row, by brute force: each p-value ranks the row's rounded score among the rounded
+    calibration scores and every earlier row, ties smoothed by the test's own uniform draws."""
+    rng = np.random.default_rng(8)
+    cal = rng.normal(100, 30, size=300)
+    stream = np.concatenate([rng.normal(100, 30, 700), np.full(50, 100.01)])  # ties after rounding
+    bag = OnlineConformal(np.sort(cal), seed=4)
+    got = np.concatenate([bag.p_values(b) for b in np.array_split(stream, [1, 2, 40, 300, 301])])
+    u = np.random.default_rng(4).random(stream.size)  # the draws, in the same order
+    seen = list(quantise(cal))
+    for i, q in enumerate(quantise(stream)):
+        ref = np.asarray(seen)
+        expected = ((ref > q).sum() + u[i] * ((ref == q).sum() + 1)) / (ref.size + 1)
+        assert got[i] == pytest.approx(expected, rel=1e-12)
+        seen.append(q)
+
+
+def test_the_bag_stays_bounded_however_long_the_stream() -> None:
+    """A million scores: the bag counts them all in under 10,000 values (their range, rounded),
+    where keeping them cost 8 bytes a row; scores spread as wide as floats go stay within
+    MAX_DISTINCT."""
+    rng = np.random.default_rng(9)
+    bag = OnlineConformal(np.sort(rng.normal(-900, 250, 600)))
+    for block in rng.normal(-900, 250, (4000, 250)):  # a service's blocks
+        bag.p_values(block)
+    assert bag.size == 1_000_600
+    assert bag.distinct() < 10_000
+    assert bag.bag()[1].sum() == bag.size
+    wild = OnlineConformal(np.zeros(10))
+    for _ in range(20):
+        wild.p_values(rng.standard_cauchy(50_000) * 10.0 ** rng.integers(-40, 40, 50_000))
+    assert wild.distinct() <= MAX_DISTINCT and wild.size == 1_000_010
