@@ -100,6 +100,25 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
+MAX_CLIENT_ID = 128
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/+=@")
+
+
+def request_id_of(sent: str | None) -> str:
+    """The client's X-Request-Id when it is one (1-128 letters, digits and ``-_.:/+=@``: a
+    UUID, a trace id, a load balancer's id); otherwise a new id. The id is echoed in a header
+    and written to every log line of the request, so a kilobyte of arbitrary text is not kept."""
+    if sent and len(sent) <= MAX_CLIENT_ID and _ID_CHARS.issuperset(sent):
+        return sent
+    return new_request_id()
+
+
+def clipped(text: str, limit: int = 256) -> str:
+    """``text`` for a log line or an error message: at most ``limit`` characters of it, and how
+    long it was (a request's path or a name in it can be kilobytes long)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def header_value(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k == name:

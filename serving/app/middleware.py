@@ -15,9 +15,10 @@ from serving.app.asgi import (
     Receive,
     Scope,
     Send,
+    clipped,
     error_response,
     header_value,
-    new_request_id,
+    request_id_of,
     send_json,
 )
 from serving.errors import (
@@ -81,7 +82,7 @@ class Observability:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = header_value(scope, b"x-request-id") or new_request_id()
+        rid = request_id_of(header_value(scope, b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         path = scope.get("path", "")
         route = route_label(path)
@@ -117,7 +118,7 @@ class Observability:
                         {
                             "request_id": rid,
                             "method": method,
-                            "path": path,
+                            "path": clipped(path),
                             "status": status,
                             "duration_ms": round(elapsed * 1000, 3),
                             "client": (scope.get("client") or ("", 0))[0],

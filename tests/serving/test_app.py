@@ -544,3 +544,31 @@ def test_the_openapi_document_describes_the_served_model(client: TestClient) -> 
     assert flat["items"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
     fpr = next(p for p in doc["parameters"] if p["name"] == "target_fpr")["schema"]
     assert fpr["minimum"] > 0 and fpr["exclusiveMaximum"] == 1
+
+
+def test_request_ids_and_logged_paths_are_bounded(
+    trained: TrainOutcome, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's X-Request-Id is kept when it looks like one; a kilobyte of text, spaces or
+    control characters get a new id instead (it is echoed and logged with every line). The
+    access log keeps 256 characters of a long path and says how long it was."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    app = create_app(Settings(), detector=trained.detector, registry=CollectorRegistry())
+    with TestClient(app) as c:
+        _check_ids_and_paths(c, caplog)
+
+
+def _check_ids_and_paths(c: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    ok = "3f2b9c1e-7a4d-4e2b-9f00-0c1d2e3f4a5b"
+    assert c.get("/healthz", headers={"x-request-id": ok}).headers["x-request-id"] == ok
+    for bad in ("x" * 129, "two words", "tab\there", ""):
+        rid = c.get("/healthz", headers={"x-request-id": bad}).headers["x-request-id"]
+        assert rid != bad and len(rid) == 16 and int(rid, 16) >= 0
+    caplog.set_level("INFO", logger="vae_anomaly.access")
+    assert c.get("/" + "p" * 20_000).status_code == 404
+    line = json.loads(caplog.records[-1].getMessage())
+    assert line["path"] == "/" + "p" * 255 + "... (20001 characters)"

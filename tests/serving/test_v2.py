@@ -54,6 +54,9 @@ def test_server_and_model_metadata_and_readiness(client: TestClient, trained: Tr
     assert r.status_code == 404 and "this server serves 'vae-anomaly'" in r.json()["error"]
     r = client.get("/v2/models/vae-anomaly/versions/v0/ready")
     assert r.status_code == 404 and set(r.json()) == {"error"}
+    r = client.post(f"/v2/models/{'x' * 60_000}/infer", content=b"{}")  # not echoed back whole
+    assert r.status_code == 404 and len(r.content) < 300
+    assert "'xxxx" in r.json()["error"] and "(60000 characters)" in r.json()["error"]
 
 
 def test_not_ready_before_a_model_is_loaded(make_client) -> None:  # type: ignore[no-untyped-def]
