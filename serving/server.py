@@ -63,6 +63,8 @@ def run(settings: Settings) -> None:
         "log_level": settings.log_level,
         "access_log": False,  # our JSON access log replaces uvicorn's
         "timeout_graceful_shutdown": 30,
+        # httptools, with a bound on a request's line and headers (431 past 64 KB)
+        "http": "serving.http:BoundedHttpToolsProtocol",
     }
     prepare_multiprocess_dir()
     if settings.workers == 1:

@@ -3,6 +3,7 @@ several workers, and a real Prometheus server scraping it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -387,3 +388,49 @@ def test_the_running_service_keeps_to_its_openapi_document(
         )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:]
     assert "Traceback" not in srv.log()
+
+
+def _exchange(port: int, data: bytes, *, until: bytes, chunk: int = 1 << 16) -> bytes:
+    """Send ``data`` a chunk at a time (stopping if the server closes) and read until ``until``
+    has arrived or the connection ends."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            for start in range(0, len(data), chunk):
+                s.sendall(data[start : start + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the end: read what it said
+        got = b""
+        while until not in got:
+            try:
+                more = s.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            if not more:
+                break
+            got += more
+    return got
+
+
+def test_request_heads_are_bounded(trained: TrainOutcome) -> None:
+    """uvicorn's httptools parser buffers any header (a 143 MB one was taken whole): the service
+    answers a head over 64 KB with a 431 and closes; a 60 KB head, and a pipelined request after
+    a large body, are served as before."""
+    assert trained.path is not None and trained.split.x_test is not None
+    with LiveServer(trained.path) as srv:
+        port = srv.port
+        endless = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (4 << 20)
+        got = _exchange(port, endless, until=b"}")
+        assert got.startswith(b"HTTP/1.1 431 ") and b'"error":"headers_too_large"' in got
+        big = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(58))
+        got = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n", until=b"}")
+        assert got.startswith(b"HTTP/1.1 200 ")
+        rows = np.repeat(trained.split.x_test[:1], 800, axis=0).tolist()
+        body = json.dumps({"instances": rows}).encode()
+        assert len(body) > 256 * 1024  # more than one socket read ahead of the next head
+        post = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        post += b"Content-Length: %d\r\n\r\n" % len(body) + body
+        got = _exchange(port, post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", until=b'"ok"}')
+        assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 200 OK") == 2
+    assert "refused a request" in srv.log()
