@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detector.errors import ConfigError
+from serving.http import BoundedHttpToolsProtocol
 from serving.listen import TABLE_ENV, ConnectionTable
 from serving.settings import ENV_PREFIX, Settings
 
@@ -57,13 +58,15 @@ def run(settings: Settings) -> None:
 
     verify_artifact(settings.model_dir)  # fail fast, before binding the port
     configure_logging(settings.log_level)
+    BoundedHttpToolsProtocol.head_timeout_s = settings.header_timeout_s  # several: from the env
     common = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": False,  # our JSON access log replaces uvicorn's
         "timeout_graceful_shutdown": 30,
-        # httptools, with a bound on a request's line and headers (431 past 64 KB)
+        # httptools, with bounds on a request's line and headers (431 past 64 KB, 408 past
+        # --header-timeout)
         "http": "serving.http:BoundedHttpToolsProtocol",
     }
     prepare_multiprocess_dir()

@@ -434,3 +434,31 @@ def test_request_heads_are_bounded(trained: TrainOutcome) -> None:
         got = _exchange(port, post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", until=b'"ok"}')
         assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"HTTP/1.1 200 OK") == 2
     assert "refused a request" in srv.log()
+
+
+def test_a_head_that_does_not_arrive_in_time_gets_a_408(trained: TrainOutcome) -> None:
+    """A connection that sends nothing, or half a head, is answered 408 and closed after
+    --header-timeout (a "slowloris" otherwise holds connections for ever); a head that arrives
+    in pieces within it, and a kept-alive connection's next request, are served."""
+    import socket
+
+    assert trained.path is not None
+    with LiveServer(trained.path, "--header-timeout", "1") as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        half = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        t0 = time.monotonic()
+        for s in (silent, half):
+            got = s.recv(4096)
+            assert got.startswith(b"HTTP/1.1 408 ") and b'"error":"request_timeout"' in got
+            assert s.recv(4096) == b""  # closed
+            s.close()
+        assert 0.8 < time.monotonic() - t0 < 5
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+                s.sendall(piece)
+                time.sleep(0.3)  # 0.9 s in all: within the timeout
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.5)  # idle on a kept-alive connection, past the head timeout
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
