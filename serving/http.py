@@ -18,8 +18,10 @@ request's large body never counts against the next request's head.
 
 The head must also be complete within ``head_timeout_s`` (``--header-timeout``, 60 s by default
 as nginx's ``client_header_timeout``) of the connection opening or, on a kept-alive connection,
-of the request's first byte; after it the client gets a 408 and the connection is closed. An
-idle kept-alive connection is uvicorn's to close (``timeout_keep_alive``, 5 s).
+of the request's first bytes (the clock starts when a socket read leaves the head incomplete, so
+a head that arrives in one read, as nearly all do, costs no timer); after it the client gets a
+408 and the connection is closed. An idle kept-alive connection is uvicorn's to close
+(``timeout_keep_alive``, 5 s).
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._began = True, 0, True
-        self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -93,7 +94,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._began = False
         super().data_received(data)
-        if not self._in_head or self._began or self.transport.is_closing():
+        if not self._in_head or self.transport.is_closing():
+            return
+        # a head left incomplete by this chunk: its clock starts now (a head that arrives in
+        # one chunk, as nearly all do, costs no timer)
+        self._arm()
+        if self._began:
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
