@@ -43,12 +43,12 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 def _timeout_from_env() -> float:
-    """``VAE_ANOMALY_HEADER_TIMEOUT_S`` as ``Settings`` reads it (a worker of several builds its
+    """``VAE_ANOMALY_HEADER_TIMEOUT`` as ``Settings`` reads it (a worker of several builds its
     settings from the environment); the default without it."""
-    raw = os.environ.get(ENV_PREFIX + "HEADER_TIMEOUT_S")
+    raw = os.environ.get(ENV_PREFIX + "HEADER_TIMEOUT")
     if not raw:
-        return Settings.header_timeout_s
-    return Settings.from_env({ENV_PREFIX + "HEADER_TIMEOUT_S": raw}).header_timeout_s
+        return Settings.header_timeout
+    return Settings.from_env({ENV_PREFIX + "HEADER_TIMEOUT": raw}).header_timeout
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):

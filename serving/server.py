@@ -58,7 +58,7 @@ def run(settings: Settings) -> None:
 
     verify_artifact(settings.model_dir)  # fail fast, before binding the port
     configure_logging(settings.log_level)
-    BoundedHttpToolsProtocol.head_timeout_s = settings.header_timeout_s  # several: from the env
+    BoundedHttpToolsProtocol.head_timeout_s = settings.header_timeout  # several: from the env
     common = {
         "host": settings.host,
         "port": settings.port,

@@ -30,7 +30,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024  # request body limit (413 above)
     # a request's line and headers must arrive within this many seconds of the connection or of
     # the request's first byte (408 and closed after it; serving.http)
-    header_timeout_s: float = 60.0
+    header_timeout: float = 60.0  # seconds
     torch_threads: int = 0  # 0: the CPU quota divided among the workers
     api_key: str = ""  # if set, /score, /metadata and /admin need header X-API-Key
     enable_admin: bool = False  # POST /admin/reload (needs api_key)
@@ -55,9 +55,9 @@ class Settings:
             (self.max_instances, self.max_instances >= 1, "max_instances must be >= 1"),
             (self.max_body_bytes, self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (
-                self.header_timeout_s,
-                0.1 <= self.header_timeout_s <= 3600,
-                "header_timeout_s must be 0.1-3600",
+                self.header_timeout,
+                0.1 <= self.header_timeout <= 3600,
+                "header_timeout must be 0.1-3600",
             ),
             (self.torch_threads, self.torch_threads >= 0, "torch_threads must be >= 0"),
             (self.drift_alpha, 0 < self.drift_alpha < 1, "drift_alpha must be in (0, 1)"),

@@ -60,7 +60,7 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         metavar="SECONDS",
         help="a request's line and headers must arrive within this many seconds of the "
         "connection (or of the request's first byte); after it: 408 and the connection closed "
-        f"(default {st.header_timeout_s:g}, as nginx's client_header_timeout)",
+        f"(default {st.header_timeout:g}, as nginx's client_header_timeout)",
     )
     sv.add_argument(
         "--torch-threads", type=int, help="torch threads per worker (default: CPU quota / workers)"
@@ -151,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_instances=args.max_instances,
         max_body_bytes=args.max_body_bytes,
-        header_timeout_s=args.header_timeout,
+        header_timeout=args.header_timeout,
         torch_threads=args.torch_threads,
         enable_admin=args.enable_admin,
         model_root=args.model_root,
