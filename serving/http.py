@@ -10,8 +10,9 @@ own limit in the app (``--max-body-bytes``); this bounds the request line and he
 
 ``BoundedHttpToolsProtocol`` counts the bytes of a head still being read, chunk by chunk as the
 socket delivers them, and past ``MAX_HEAD_BYTES`` answers 431 with the service's JSON error body
-and closes the connection. It hooks only ``data_received`` and two parser callbacks, and adds a
-comparison a chunk: the request path keeps httptools' speed. A chunk in which a new request
+and closes the connection. It hooks ``data_received``, two parser callbacks and the
+connection's start and end, and adds a few comparisons a socket read: the request path keeps
+httptools' speed. A chunk in which a new request
 begins is not counted (part of it may be the previous request's body), so a head is cut off at
 most one socket read (256 KB with uvloop) past the bound: memory stays bounded, and a pipelined
 request's large body never counts against the next request's head.

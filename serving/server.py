@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from detector.errors import ConfigError
-from serving.http import BoundedHttpToolsProtocol
 from serving.listen import TABLE_ENV, ConnectionTable
 from serving.settings import ENV_PREFIX, Settings
 
@@ -51,6 +50,8 @@ def prepare_multiprocess_dir() -> None:
 
 def run(settings: Settings) -> None:
     import uvicorn
+
+    from serving.http import BoundedHttpToolsProtocol
 
     if not settings.model_dir:
         raise ConfigError("no model to serve: pass --model DIR or set VAE_ANOMALY_MODEL_DIR")
