@@ -59,15 +59,15 @@ def run(settings: Settings) -> None:
 
     verify_artifact(settings.model_dir)  # fail fast, before binding the port
     configure_logging(settings.log_level)
-    BoundedHttpToolsProtocol.head_timeout_s = settings.header_timeout  # several: from the env
+    BoundedHttpToolsProtocol.client_timeout_s = settings.client_timeout  # several: from the env
     common = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": False,  # our JSON access log replaces uvicorn's
         "timeout_graceful_shutdown": 30,
-        # httptools, with bounds on a request's line and headers (431 past 64 KB, 408 past
-        # --header-timeout)
+        # httptools, with bounds on a request's head (431 past 64 KB) and on a client that stops
+        # sending one (408 after --client-timeout)
         "http": "serving.http:BoundedHttpToolsProtocol",
     }
     prepare_multiprocess_dir()

@@ -28,9 +28,10 @@ class Settings:
     max_wait_ms: float = 0.0  # extra wait for company; 0 = greedy (batch what queued meanwhile)
     max_instances: int = 10_000  # instances per request (413 above)
     max_body_bytes: int = 64 * 1024 * 1024  # request body limit (413 above)
-    # a request's line and headers must arrive within this many seconds of the connection or of
-    # the request's first byte (408 and closed after it; serving.http)
-    header_timeout: float = 60.0  # seconds
+    # how long to wait for a request's line and headers (from the connection or the request's
+    # first bytes) and for the next part of a body that stopped coming (408 after it;
+    # serving.http)
+    client_timeout: float = 60.0  # seconds
     torch_threads: int = 0  # 0: the CPU quota divided among the workers
     api_key: str = ""  # if set, /score, /metadata and /admin need header X-API-Key
     enable_admin: bool = False  # POST /admin/reload (needs api_key)
@@ -55,9 +56,9 @@ class Settings:
             (self.max_instances, self.max_instances >= 1, "max_instances must be >= 1"),
             (self.max_body_bytes, self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (
-                self.header_timeout,
-                0.1 <= self.header_timeout <= 3600,
-                "header_timeout must be 0.1-3600",
+                self.client_timeout,
+                0.1 <= self.client_timeout <= 3600,
+                "client_timeout must be 0.1-3600",
             ),
             (self.torch_threads, self.torch_threads >= 0, "torch_threads must be >= 0"),
             (self.drift_alpha, 0 < self.drift_alpha < 1, "drift_alpha must be in (0, 1)"),

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -436,21 +437,28 @@ def test_request_heads_are_bounded(trained: TrainOutcome) -> None:
     assert "refused a request" in srv.log()
 
 
-def test_a_head_that_does_not_arrive_in_time_gets_a_408(trained: TrainOutcome) -> None:
-    """A connection that sends nothing, or half a head, is answered 408 and closed after
-    --header-timeout (a "slowloris" otherwise holds connections for ever); a head that arrives
-    in pieces within it, and a kept-alive connection's next request, are served."""
+def test_a_client_that_stops_sending_gets_a_408(trained: TrainOutcome) -> None:
+    """A connection that sends nothing, half a head, or half a body, is answered 408 and closed
+    after --client-timeout (a "slowloris" otherwise holds connections for ever); a head, and a
+    body, that arrive in pieces closer together than the timeout, and a kept-alive connection's
+    next request after an idle spell, are served."""
     import socket
 
-    assert trained.path is not None
-    with LiveServer(trained.path, "--header-timeout", "1") as srv:
+    assert trained.path is not None and trained.split.x_test is not None
+    body = json.dumps({"instances": trained.split.x_test[:2].tolist()}).encode()
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+    with LiveServer(trained.path, "--client-timeout", "1") as srv:
         silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         half = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        stalled.sendall(head + body[:100])
         t0 = time.monotonic()
-        for s in (silent, half):
+        for s, what in ((silent, b"headers"), (half, b"headers"), (stalled, b"body")):
             got = s.recv(4096)
             assert got.startswith(b"HTTP/1.1 408 ") and b'"error":"request_timeout"' in got
+            assert what in got
             assert s.recv(4096) == b""  # closed
             s.close()
         assert 0.8 < time.monotonic() - t0 < 5
@@ -459,6 +467,19 @@ def test_a_head_that_does_not_arrive_in_time_gets_a_408(trained: TrainOutcome) -
                 s.sendall(piece)
                 time.sleep(0.3)  # 0.9 s in all: within the timeout
             assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
-            time.sleep(1.5)  # idle on a kept-alive connection, past the head timeout
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.5)  # idle on a kept-alive connection, past the timeout
+            s.sendall(head)
+            for start in range(0, len(body), len(body) // 4 + 1):  # 4 parts, 0.6 s apart
+                time.sleep(0.6)
+                s.sendall(body[start : start + len(body) // 4 + 1])
+            assert _exchange_rest(s).startswith(b"HTTP/1.1 200 ")
+
+
+def _exchange_rest(s: Any) -> bytes:
+    got = b""
+    while b"}]}" not in got:
+        more = s.recv(1 << 16)
+        if not more:
+            break
+        got += more
+    return got

@@ -55,12 +55,13 @@ def register(sub: Any, fmt: type[HelpFormatter]) -> None:
         help=f"request body limit (default {st.max_body_bytes})",
     )
     sv.add_argument(
-        "--header-timeout",
+        "--client-timeout",
         type=float,
         metavar="SECONDS",
-        help="a request's line and headers must arrive within this many seconds of the "
-        "connection (or of the request's first byte); after it: 408 and the connection closed "
-        f"(default {st.header_timeout:g}, as nginx's client_header_timeout)",
+        help="how long to wait for a client sending a request: for its line and headers (from "
+        "the connection, or the request's first bytes), and for the next part of a body that "
+        f"stopped coming; after it: 408 and the connection closed (default "
+        f"{st.client_timeout:g}, as nginx's client_header_timeout and client_body_timeout)",
     )
     sv.add_argument(
         "--torch-threads", type=int, help="torch threads per worker (default: CPU quota / workers)"
@@ -151,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_instances=args.max_instances,
         max_body_bytes=args.max_body_bytes,
-        header_timeout=args.header_timeout,
+        client_timeout=args.client_timeout,
         torch_threads=args.torch_threads,
         enable_admin=args.enable_admin,
         model_root=args.model_root,
