@@ -24,6 +24,7 @@ from detector.drift import (
     SimpleJumper,
     alarm_level,
     ks_distance,
+    ks_of_counts,
     ks_statistic,
     quantise,
 )
@@ -274,3 +275,21 @@ def test_the_bag_stays_bounded_however_long_the_stream() -> None:
     for _ in range(20):
         wild.p_values(rng.standard_cauchy(50_000) * 10.0 ** rng.integers(-40, 40, 50_000))
     assert wild.distinct() <= MAX_DISTINCT and wild.size == 1_000_010
+
+
+@pytest.mark.parametrize("n", [3_000, 30_000])
+def test_the_ks_test_of_counts_is_scipys(n: int) -> None:
+    """A stream held as counts of distinct values gets scipy's KS statistic and p-value without
+    being rebuilt beyond 10,000 rows (scipy's exact test below, Smirnov's asymptotic above)."""
+    rng = np.random.default_rng(10)
+    cal = np.sort(quantise(rng.normal(size=600)))
+    stream = quantise(np.round(rng.normal(0.1, 1.0, size=n), 2))  # ties
+    values, counts = np.unique(stream, return_counts=True)
+    ks, p = ks_of_counts(values, counts, cal)
+    want_ks, want_p = ks_statistic(stream, cal)
+    assert ks == want_ks and p == pytest.approx(want_p, rel=1e-9)
+    test = DriftTest(cal, seed=1)
+    test.update(stream)
+    got = test.summary()
+    assert got["ks_statistic"] == want_ks and got["ks_p_value"] == pytest.approx(want_p, rel=1e-9)
+    assert got["n"] == n
