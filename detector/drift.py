@@ -83,8 +83,13 @@ class _Counts:
     cum: npt.NDArray[np.int64]
 
     @classmethod
-    def of(cls, values: npt.NDArray[np.float64], counts: npt.NDArray[np.int64]) -> _Counts:
-        """Sorted ``values`` (repeats allowed) with a count each, repeats summed."""
+    def of(
+        cls, values: npt.NDArray[np.float64], counts: npt.NDArray[np.int64] | None = None
+    ) -> _Counts:
+        """Sorted ``values`` (repeats allowed) with a count each (None: 1 each), repeats
+        summed."""
+        if counts is None:
+            counts = np.ones(values.size, np.int64)
         if values.size == 0:
             return cls(values, np.zeros(1, np.int64))
         first = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
@@ -122,7 +127,7 @@ class OnlineConformal:
         them); until one is done, its two arrays are searched as they are, so every p-value is
         the same as with the merge done at once. None: merge in the calling thread."""
         cal = np.sort(quantise(np.ravel(calibration)))
-        self.levels = [_Counts.of(cal, np.ones(cal.size, np.int64))]
+        self.levels = [_Counts.of(cal)]
         self.size = int(cal.size)  # scores counted: calibration and stream
         self.rng = np.random.default_rng(seed)
         self.background = background
@@ -152,7 +157,7 @@ class OnlineConformal:
 
     def _add(self, block: npt.NDArray[np.float64]) -> None:
         self._settle()
-        self.levels.append(_Counts.of(block, np.ones(block.size, np.int64)))
+        self.levels.append(_Counts.of(block))
         self.size += int(block.size)
         self._compact()
 
@@ -203,18 +208,15 @@ class OnlineConformal:
     def bag(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
         """The bag (calibration and stream, rounded) as its distinct values, sorted, and their
         counts."""
-        values = np.concatenate([level.values for level in self.levels])
-        counts = np.concatenate([level.counts() for level in self.levels])
-        order = np.argsort(values, kind="stable")
-        whole = _Counts.of(values[order], counts[order])
+        whole = _merge(*self.levels)
         return whole.values, whole.counts()
 
 
-def _merge(a: _Counts, b: _Counts) -> _Counts:
-    """Two count arrays as one (numpy sorts without holding the GIL)."""
-    values = np.concatenate([a.values, b.values])
+def _merge(*parts: _Counts) -> _Counts:
+    """Count arrays as one (numpy sorts without holding the GIL)."""
+    values = np.concatenate([p.values for p in parts])
     order = np.argsort(values, kind="stable")
-    return _Counts.of(values[order], np.concatenate([a.counts(), b.counts()])[order])
+    return _Counts.of(values[order], np.concatenate([p.counts() for p in parts])[order])
 
 
 def _earlier(

@@ -33,6 +33,7 @@ from serving.app.asgi import (
     Scope,
     Send,
     check_api_key,
+    clipped,
     internal_error_body,
     send_bytes,
 )
@@ -53,20 +54,14 @@ def check_model(state: Any, name: str, version: str | None) -> Detector:
     """The served detector, if ``name`` (and ``version``, when given) are the served model's."""
     served = state.settings.model_name
     if name != served:
-        raise NotFound(f"unknown model {_quoted(name)}; this server serves {served!r}")
+        raise NotFound(f"unknown model {clipped(name, 80)!r}; this server serves {served!r}")
     det: Detector = state.holder.current()
     if version is not None and version != det.model_version:
         raise NotFound(
-            f"model {name!r} has no version {_quoted(version)}; it serves version "
+            f"model {name!r} has no version {clipped(version, 80)!r}; it serves version "
             f"{det.model_version}"
         )
     return det
-
-
-def _quoted(text: str, limit: int = 80) -> str:
-    """A name from the request's path for an error message, at most ``limit`` characters of it
-    (a path can be kilobytes long: the answer need not echo it back)."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class InferEndpoint:
